@@ -1,0 +1,523 @@
+"""Typed configuration, named presets, file loading and command-line overrides.
+
+A config is a tree of dataclasses. Every field has a default and a one-line comment.
+Presets are plain Python functions that return a `Config`; `resolve()` applies, in order,
+the preset, a YAML/TOML file, then `section.field=value` overrides, and validates types.
+Errors are one line that names the key: `ConfigError: train.max_steps: expected int, got 'ten'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message names the key."""
+
+
+@dataclass
+class SynthConfig:
+    num_samples: int = 2048  # images in the synthetic dataset
+    samples_per_shard: int = 256  # images per raw shard
+    image_size: int = 64  # side of the rendered square images, pixels
+    seed: int = 0  # the dataset is a pure function of this seed
+
+
+@dataclass
+class DataConfig:
+    raw_shards: str = ""  # raw WebDataset shards (brace, glob, list file or URL); "" = synthesize into run_root/synth
+    latent_dir: str = ""  # where precompute writes latent shards and training reads them; "" = run_root/latents
+    resolution: int = 32  # training resolution in pixels (shorter side resized, then centre-cropped)
+    min_size: int = 0  # reject raw images whose shorter side is below this (0 = keep all)
+    max_aspect: float = 0.0  # reject raw images with long/short side above this (0 = keep all)
+    latent_samples_per_shard: int = 512  # samples per latent shard written by precompute
+    precompute_batch_size: int = 64  # images per encoder batch in precompute
+    heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
+    num_workers: int = 1  # DataLoader workers per rank for latent shards
+    prefetch_factor: int = 4  # batches prefetched per worker
+
+
+@dataclass
+class CodecConfig:
+    kind: str = "pixel"  # "pixel" (parameter-free pixel-unshuffle) or "vae" (diffusers AutoencoderKL)
+    path: str = ""  # vae: local directory written by AutoencoderKL.save_pretrained (or HF cache snapshot)
+    patch: int = 2  # pixel: unshuffle factor; latent grid is resolution / patch
+    scale: float = 0.0  # multiply latents by this after subtracting shift; 0 = the codec's own default
+    shift: float = 0.0  # subtracted from latents before scaling (SD-1/2 VAE: 0)
+    dtype: str = "fp32"  # compute dtype for encoding: fp32, bf16 or fp16
+
+
+@dataclass
+class TextConfig:
+    model: str = "tiny"  # open_clip architecture name ("ViT-H-14", ...) or "tiny" (random, for CPU)
+    pretrained: str = ""  # local open_clip checkpoint file, or "local-dir:DIR"; "" = random init
+    layer: str = "penultimate"  # token sequence from the "penultimate" (SD-2) or "last" layer
+    dtype: str = "fp32"  # compute dtype for encoding: fp32, bf16 or fp16
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: tuple[int, ...] = (64, 128)  # U-Net channels per resolution level
+    layers_per_block: int = 1  # resnet blocks per level
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "DownBlock2D")  # diffusers block names
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D")  # diffusers block names
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups
+    transformer_layers_per_block: int = 1  # transformer blocks inside each cross-attention block
+    linear_projection: bool = True  # SD-2 style linear (not 1x1 conv) projections in transformers
+    pooled_text_conditioning: bool = False  # also add the pooled text embedding to the time embedding
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "ddpm"  # "ddpm" or "flow" (rectified flow)
+    schedule: str = "scaled_linear"  # beta schedule: linear, scaled_linear or cosine
+    num_train_timesteps: int = 1000  # discrete training timesteps
+    beta_start: float = 0.00085  # first beta (linear / scaled_linear)
+    beta_end: float = 0.012  # last beta (linear / scaled_linear)
+    prediction: str = "eps"  # what the network predicts: eps, v or sample
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+    offset_noise: float = 0.0  # strength of per-channel offset noise; 0 = off
+    zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023)
+    cfg_dropout: float = 0.1  # probability of replacing the caption with the empty caption
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 500  # linear warmup steps
+    decay: str = "constant"  # after warmup: "constant" or "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * this
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 256  # samples per optimizer step, all ranks together
+    micro_batch_size: int = 0  # samples per rank per forward; 0 = global / world (no accumulation)
+    max_steps: int = 1000  # optimizer steps to train
+    seed: int = 0  # every random stream is a pure function of (seed, rank, step)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: str = "auto"  # fp32, bf16, fp16; auto = bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute U-Net activations in backward
+    offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload)
+    compile: bool = False  # torch.compile the U-Net
+    ckpt_every_steps: int = 500  # checkpoint every N optimizer steps; 0 = off
+    ckpt_every_minutes: float = 0.0  # also checkpoint every N minutes of wall time; 0 = off
+    keep_last: int = 3  # complete checkpoints kept on disk
+    log_every: int = 10  # log train/* metrics every N steps
+    max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite losses
+    collective_timeout_s: float = 600.0  # a collective that takes longer (e.g. a dead rank) aborts the run
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True  # keep an exponential moving average of the weights
+    decay: float = 0.9999  # EMA decay after warmup
+    warmup_power: float = 0.75  # decay_t = min(decay, 1 - (1 + t) ** -power); 0 = no warmup
+    start_step: int = 0  # EMA tracks the raw weights exactly until this step
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 500  # periodic eval every N optimizer steps; 0 = only at the end
+    prompts: tuple[str, ...] = ()  # fixed prompts for sample grids; () = built-in synthetic-shapes prompts
+    num_prompts: int = 8  # built-in prompts used when `prompts` is empty
+    images_per_prompt: int = 2  # samples per prompt in the grid
+    sampler: str = "ddim"  # ddim, dpm++ or euler
+    steps: int = 25  # sampler steps
+    cfg_scale: float = 4.0  # classifier-free guidance scale
+    seed: int = 1234  # seeds of the fixed sample noise
+    heldout_buckets: int = 4  # timestep buckets for the held-out denoising loss
+    heldout_samples: int = 256  # held-out latents used per eval
+    use_ema: bool = True  # evaluate the EMA weights (if any)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_root>/mlflow.db
+    experiment: str = "latentforge"  # MLflow experiment that groups runs
+    run_name: str = ""  # MLflow run name; "" = the run directory's name
+    enabled: bool = True  # log to MLflow at all
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"  # the preset this config started from
+    run_root: str = "runs"  # parent of run directories, the default data and the MLflow store
+    run_name: str = "demo"  # run directory is run_root/run_name unless run_dir is set
+    run_dir: str = ""  # explicit run directory; "" = run_root/run_name
+    nproc: int = 1  # local processes (ranks) to start when not under SLURM/torchrun
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # Derived paths. They are properties, not fields, so they never disagree with run_root.
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.run_root) / self.run_name
+
+    @property
+    def resolved_latent_dir(self) -> Path:
+        return Path(self.data.latent_dir) if self.data.latent_dir else Path(self.run_root) / "latents"
+
+    @property
+    def resolved_raw_shards(self) -> str:
+        return self.data.raw_shards or str(Path(self.run_root) / "synth" / "*.tar")
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{Path(self.run_root).resolve() / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------------------------------
+# Presets.
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(name: str) -> Callable[[Callable[[], Config]], Callable[[], Config]]:
+    def register(fn: Callable[[], Config]) -> Callable[[], Config]:
+        PRESETS[name] = fn
+        return fn
+
+    return register
+
+
+@preset("tiny")
+def tiny() -> Config:
+    """CPU-sized: 32 px synthetic shapes, pixel codec, random tiny open_clip, ~2M-param U-Net."""
+    return Config(
+        preset="tiny",
+        data=DataConfig(resolution=32, latent_samples_per_shard=512, heldout_shards=1),
+        codec=CodecConfig(kind="pixel", patch=2),
+        text=TextConfig(model="tiny"),
+        model=ModelConfig(
+            block_out_channels=(64, 128),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=32,
+            norm_num_groups=32,
+        ),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, decay="cosine", min_lr_ratio=0.1),
+        train=TrainConfig(global_batch_size=64, max_steps=1200, ckpt_every_steps=400, log_every=20),
+        ema=EMAConfig(decay=0.999, warmup_power=0.75),
+        eval=EvalConfig(every_steps=600, steps=25, cfg_scale=3.0, heldout_samples=128),
+    )
+
+
+@preset("sd2-base-256")
+def sd2_base_256() -> Config:
+    """The real-cluster reference: SD-2-base-shaped U-Net at 256 px on SD VAE latents,
+    conditioned on the OpenCLIP ViT-H-14 text tower's penultimate layer."""
+    return Config(
+        preset="sd2-base-256",
+        nproc=1,
+        synth=SynthConfig(num_samples=65536, samples_per_shard=1024, image_size=256),
+        data=DataConfig(resolution=256, min_size=256, max_aspect=2.0, latent_samples_per_shard=1024,
+                        precompute_batch_size=128, heldout_shards=1, num_workers=4),
+        codec=CodecConfig(kind="vae", path="/path/to/sd-vae-ft-mse", scale=0.18215, dtype="bf16"),
+        text=TextConfig(model="ViT-H-14", pretrained="/path/to/open_clip_vit_h_14/open_clip_pytorch_model.bin",
+                        layer="penultimate", dtype="bf16"),
+        model=ModelConfig(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                              "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=64,
+            norm_num_groups=32,
+            linear_projection=True,
+        ),
+        diffusion=DiffusionConfig(prediction="v", cfg_dropout=0.1),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10000, decay="constant"),
+        train=TrainConfig(global_batch_size=2048, max_steps=550000, zero_stage=2, precision="bf16",
+                          activation_checkpointing=True, ckpt_every_steps=2000, ckpt_every_minutes=30,
+                          keep_last=3, log_every=50),
+        ema=EMAConfig(decay=0.9999),
+        eval=EvalConfig(every_steps=10000, num_prompts=32, images_per_prompt=4, steps=50, cfg_scale=7.5,
+                        heldout_samples=2048),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion between dataclasses and plain dicts, with type checks.
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return _from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in config")  # keep fields simple
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    for k, v in data.items():
+        if k not in names:
+            close = [n for n in names if n.startswith(k[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{prefix}{k}: unknown key{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix}{k}: expected a mapping (section), got {v!r}")
+            setattr(obj, k, _from_dict(tp, v, prefix=f"{prefix}{k}.", base=getattr(obj, k)))
+        else:
+            setattr(obj, k, _coerce(prefix + k, v, tp))
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict: the preset it names (default tiny), then the dict."""
+    name = data.get("preset", "tiny")
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    return _from_dict(Config, data, base=PRESETS[name]())
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"train.max_steps": 1000, ...}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = ("codec", "text", "model", "diffusion")) -> str:
+    """Hash of the sections that define what a checkpoint's weights mean."""
+    d = to_dict(cfg)
+    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading files and overrides.
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{p}: config files must end in .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # parse errors from yaml/tomllib; keep it to one line
+        raise ConfigError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.field=value` -> (["section", "field"], value). The value is YAML-parsed
+    (so `[32, 64]`, `true` and `1e-4` work) and then checked against the field's type."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides look like section.field=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{item}: empty key")
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    cur = d
+    for p in path[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[path[-1]] = value
+    return d
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(preset_name: str | None = None, file: str | os.PathLike | None = None,
+            overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset, then file, then overrides. Validates every key and type."""
+    data: dict[str, Any] = {}
+    if file:
+        data = load_file(file)
+    for item in overrides:
+        path, value = parse_override(item)
+        data = _merge(data, _nest(path, value))
+    if preset_name:  # an explicit --preset wins over the file's
+        data["preset"] = preset_name
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields. One line per failure, naming the key."""
+    if cfg.codec.kind not in ("pixel", "vae"):
+        raise ConfigError(f"codec.kind: expected 'pixel' or 'vae', got {cfg.codec.kind!r}")
+    if cfg.codec.kind == "pixel" and cfg.data.resolution % cfg.codec.patch:
+        raise ConfigError(f"codec.patch: {cfg.codec.patch} does not divide data.resolution {cfg.data.resolution}")
+    for sec, name in (("codec", cfg.codec.dtype), ("text", cfg.text.dtype)):
+        if name not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"{sec}.dtype: expected fp32, bf16 or fp16, got {name!r}")
+    if cfg.text.layer not in ("penultimate", "last"):
+        raise ConfigError(f"text.layer: expected 'penultimate' or 'last', got {cfg.text.layer!r}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: expected 0-3, got {cfg.train.zero_stage}")
+    if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision: expected auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    if cfg.diffusion.objective not in ("ddpm", "flow"):
+        raise ConfigError(f"diffusion.objective: expected 'ddpm' or 'flow', got {cfg.diffusion.objective!r}")
+    if cfg.diffusion.schedule not in ("linear", "scaled_linear", "cosine"):
+        raise ConfigError(f"diffusion.schedule: expected linear, scaled_linear or cosine, got {cfg.diffusion.schedule!r}")
+    if cfg.diffusion.prediction not in ("eps", "v", "sample"):
+        raise ConfigError(f"diffusion.prediction: expected eps, v or sample, got {cfg.diffusion.prediction!r}")
+    if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
+        raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
+    if cfg.optim.decay not in ("constant", "cosine"):
+        raise ConfigError(f"optim.decay: expected 'constant' or 'cosine', got {cfg.optim.decay!r}")
+    if cfg.train.global_batch_size <= 0:
+        raise ConfigError(f"train.global_batch_size: must be positive, got {cfg.train.global_batch_size}")
+    if cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
+    if len(cfg.model.down_block_types) != len(cfg.model.block_out_channels):
+        raise ConfigError("model.down_block_types: needs one entry per model.block_out_channels")
+    if len(cfg.model.up_block_types) != len(cfg.model.block_out_channels):
+        raise ConfigError("model.up_block_types: needs one entry per model.block_out_channels")
+    for c in cfg.model.block_out_channels:
+        if c % cfg.model.norm_num_groups:
+            raise ConfigError(f"model.block_out_channels: {c} is not a multiple of model.norm_num_groups "
+                              f"{cfg.model.norm_num_groups}")
+    if cfg.eval.sampler not in ("ddim", "dpm++", "euler"):
+        raise ConfigError(f"eval.sampler: expected ddim, dpm++ or euler, got {cfg.eval.sampler!r}")
+    if cfg.nproc < 1:
+        raise ConfigError(f"nproc: must be >= 1, got {cfg.nproc}")
+
+
+def save(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def load_resolved(path: str | os.PathLike) -> Config:
+    """Read a config written by `save` (e.g. run_dir/config.yaml)."""
+    cfg = from_dict(load_file(path))
+    validate(cfg)
+    return cfg
