@@ -23,6 +23,8 @@ so every remaining sample is still seen exactly once.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +102,8 @@ class Plan:
         self.layout = layout
         self.streams = deal(segments, layout.num_streams)
         B = layout.micro_batch
+        self._offsets = [list(itertools.accumulate((s.size for s in st[:-1]), initial=0)) if st else []
+                         for st in self.streams]  # first sample of each segment within its stream
         self.stream_samples = [sum(s.size for s in st) for st in self.streams]
         self.stream_batches = [math.ceil(n / B) for n in self.stream_samples]
         W = layout.workers_per_rank
@@ -120,13 +124,14 @@ class Plan:
         """[(part, position)] of batch j of a stream (without reading anything)."""
         B = self.layout.micro_batch
         lo, hi = j * B, (j + 1) * B
-        out, offset = [], 0
-        for seg in self.streams[stream]:
+        segs, starts = self.streams[stream], self._offsets[stream]
+        out = []
+        i = max(0, bisect.bisect_right(starts, lo) - 1)  # the segment holding sample `lo`
+        while i < len(segs) and starts[i] < hi:
+            seg, offset = segs[i], starts[i]
             a, b = max(lo, offset), min(hi, offset + seg.size)
             out.extend((seg.part, seg.start + p - offset) for p in range(a, b))
-            offset += seg.size
-            if offset >= hi:
-                break
+            i += 1
         return out
 
     def consumed_batches(self, k: int) -> list[int]:

@@ -142,6 +142,12 @@ class EvalConfig:
     heldout_buckets: int = 4  # timestep buckets for the held-out denoising loss
     heldout_samples: int = 256  # held-out latents used per eval
     use_ema: bool = True  # evaluate the EMA weights (if any)
+    inception_path: str = ""  # torch-fidelity FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "" = random init, logged as eval/fid_randinit
+    fid_num_images: int = 0  # generated and reference images for FID; 0 = no FID
+    fid_batch_size: int = 64  # images per Inception forward
+    fid_cache_dir: str = ""  # reference-statistics cache; "" = run_root/fid_cache
+    clip_arch: str = "ViT-B-32"  # open_clip architecture for CLIP score, or "tiny"
+    clip_pretrained: str = ""  # local open_clip weights file or "local-dir:DIR"; "" = random init, logged as eval/clip_score_randinit
 
 
 @dataclass
@@ -226,7 +232,7 @@ def tiny() -> Config:
         optim=OptimConfig(lr=1e-3, warmup_steps=50, decay="cosine", min_lr_ratio=0.1),
         train=TrainConfig(global_batch_size=64, max_steps=1200, ckpt_every_steps=400, log_every=20),
         ema=EMAConfig(decay=0.999, warmup_power=0.75),
-        eval=EvalConfig(every_steps=600, steps=25, cfg_scale=3.0, heldout_samples=128),
+        eval=EvalConfig(every_steps=600, steps=25, cfg_scale=3.0, heldout_samples=128, clip_arch="tiny"),
     )
 
 
