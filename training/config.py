@@ -489,6 +489,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.schedule: expected linear, scaled_linear or cosine, got {cfg.diffusion.schedule!r}")
     if cfg.diffusion.prediction not in ("eps", "v", "sample"):
         raise ConfigError(f"diffusion.prediction: expected eps, v or sample, got {cfg.diffusion.prediction!r}")
+    d = cfg.diffusion
+    if d.objective == "flow" and d.prediction != "v":
+        raise ConfigError("diffusion.prediction: objective 'flow' trains the velocity eps - x0; set diffusion.prediction=v")
+    if d.objective == "flow" and d.min_snr_gamma > 0:
+        raise ConfigError("diffusion.min_snr_gamma: Min-SNR weighting is defined for objective 'ddpm' (set it to 0)")
+    if d.objective == "flow" and d.zero_terminal_snr:
+        raise ConfigError("diffusion.zero_terminal_snr: only applies to objective 'ddpm'")
+    if d.objective == "ddpm" and d.zero_terminal_snr and d.prediction == "eps":
+        raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample (eps cannot recover x0 at SNR 0)")
+    if d.min_snr_gamma < 0 or d.offset_noise < 0:
+        raise ConfigError("diffusion.min_snr_gamma/offset_noise: must be >= 0")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
         raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
     if cfg.optim.decay not in ("constant", "cosine"):
