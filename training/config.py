@@ -38,6 +38,7 @@ class DataConfig:
     resolution: int = 32  # training resolution in pixels (shorter side resized, then centre-cropped)
     min_size: int = 0  # reject raw images whose shorter side is below this (0 = keep all)
     max_aspect: float = 0.0  # reject raw images with long/short side above this (0 = keep all)
+    max_pixels: int = 64_000_000  # refuse raw images with more pixels (decompression bombs)
     latent_samples_per_shard: int = 512  # samples per latent shard written by precompute
     precompute_batch_size: int = 64  # images per encoder batch in precompute
     heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
