@@ -1,0 +1,260 @@
+"""The `latentforge` command line.
+
+Thin entry points: each subcommand parses, resolves the config and calls one function.
+Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, so
+`latentforge --help` and `latentforge train --help` answer at once.
+
+    latentforge data synth --out DIR          synthetic shapes shards (img2dataset layout)
+    latentforge data inspect LATENT_DIR       per-reason accounting of a precompute
+    latentforge precompute [CONFIG] [k=v]...  raw shards -> latent shards + manifests
+    latentforge train [CONFIG] [k=v]...       DeepSpeed training (local ranks, SLURM or torchrun)
+    latentforge eval RUN_DIR|EXPORT           stand-alone evaluation
+    latentforge export RUN_DIR --out DIR      diffusers-format U-Net (EMA and raw)
+    latentforge sample --model DIR --prompt P images from an export
+    latentforge submit KIND --profile P       the same jobs through submitit (SLURM or local)
+    latentforge status RUN_DIR                job state, step, last metrics, log tail
+    latentforge runs compare EXPERIMENT       compare MLflow runs
+    latentforge demo                          the whole pipeline on the embedded defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML or TOML config file (applied over the preset)")
+    p.add_argument("--preset", help="named preset: tiny (default), sd2-base-256")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="config overrides, e.g. train.max_steps=100 model.block_out_channels=[32,64]")
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    from latentforge.training.config import resolve
+
+    return resolve(args.preset, args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentforge", description="Train text-to-image latent diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="raw and latent datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write synthetic shapes shards (img2dataset layout)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--num", type=int, default=None, help="number of images (default: synth.num_samples)")
+    s.add_argument("--per-shard", type=int, default=None, help="images per shard")
+    s.add_argument("--size", type=int, default=None, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=None, help="dataset seed")
+    i = dsub.add_parser("inspect", help="per-reason accounting of a latent dataset")
+    i.add_argument("latent_dir")
+
+    pc = sub.add_parser("precompute", help="encode raw shards into latent shards")
+    _add_config_args(pc)
+    pc.add_argument("--task-index", type=int, default=None, help="this task (default: $SLURM_ARRAY_TASK_ID or 0)")
+    pc.add_argument("--num-tasks", type=int, default=None, help="tasks sharing the shards (default: array size or 1)")
+    pc.add_argument("--verify", action="store_true", help="check counts of an existing precompute and exit")
+    pc.add_argument("--assemble", action="store_true", help="assemble the dataset manifest after a job array")
+
+    tr = sub.add_parser("train", help="train a U-Net on latent shards")
+    _add_config_args(tr)
+    tr.add_argument("--nproc", type=int, default=None, help="local ranks to start (overrides nproc)")
+
+    ev = sub.add_parser("eval", help="evaluate a run directory or an export")
+    ev.add_argument("target", help="RUN_DIR (latest checkpoint) or an export directory")
+    _add_config_args(ev)
+
+    ex = sub.add_parser("export", help="write a diffusers-format U-Net from a run's checkpoint")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+
+    sa = sub.add_parser("sample", help="generate images from an export")
+    sa.add_argument("--model", required=True, help="export directory")
+    sa.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    sa.add_argument("--out", default="samples.png")
+    sa.add_argument("--n", type=int, default=4, help="images per prompt")
+    sa.add_argument("--steps", type=int, default=None)
+    sa.add_argument("--cfg-scale", type=float, default=None)
+    sa.add_argument("--sampler", default=None)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+
+    sb = sub.add_parser("submit", help="submit precompute/train/eval through submitit")
+    sb.add_argument("kind", choices=["precompute", "train", "eval"])
+    sb.add_argument("--profile", required=True, help="cluster profile YAML (see slurm/profiles/)")
+    sb.add_argument("--target", default=None, help="eval: RUN_DIR or export to evaluate")
+    sb.add_argument("--wait", action="store_true", help="block until the job finishes")
+    _add_config_args(sb)
+
+    st = sub.add_parser("status", help="job state, step, last metrics and log tail of a run")
+    st.add_argument("run_dir")
+
+    runs = sub.add_parser("runs", help="MLflow runs")
+    rsub = runs.add_subparsers(dest="runs_command", required=True)
+    rc = rsub.add_parser("compare", help="table of an experiment's runs")
+    rc.add_argument("rest", nargs=argparse.REMAINDER)
+
+    dm = sub.add_parser("demo", help="synth -> precompute -> train (2 ranks) -> eval -> export on the tiny preset")
+    dm.add_argument("--run-root", default="runs", help="where data, runs and the MLflow store go")
+    dm.add_argument("overrides", nargs="*", metavar="section.field=value")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# Handlers.
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from latentforge.data.synth import write_shards
+    from latentforge.training.config import SynthConfig
+
+    d = SynthConfig()
+    paths = write_shards(args.out, num_samples=args.num or d.num_samples,
+                         samples_per_shard=args.per_shard or d.samples_per_shard,
+                         image_size=args.size or d.image_size, seed=d.seed if args.seed is None else args.seed)
+    print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from latentforge.data.precompute import inspect
+
+    print(inspect(args.latent_dir))
+    return 0
+
+
+def ensure_synth(cfg: Any) -> None:
+    """The embedded default dataset: synthesize it on first use when data.raw_shards is empty."""
+    if cfg.data.raw_shards:
+        return
+    from pathlib import Path
+
+    from latentforge.data.synth import ensure_shards
+
+    out = Path(cfg.run_root) / "synth"
+    s = cfg.synth
+    print(f"[synth] {s.num_samples} synthetic images in {out}", flush=True)
+    ensure_shards(out, s.num_samples, s.samples_per_shard, s.image_size, s.seed)
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    from latentforge.data import precompute
+    from latentforge.data.shards import task_from_env
+
+    if args.verify:
+        problems = precompute.verify(cfg)
+        for pr in problems:
+            print(f"verify: {pr}")
+        print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+        return 0 if not problems else 1
+    if args.assemble:
+        m = precompute.assemble(cfg)
+        print(f"assembled {cfg.resolved_latent_dir}/manifest.json: {m['written']} samples in {len(m['parts'])} parts")
+        return 0
+    env_index, env_count = task_from_env()
+    index = env_index if args.task_index is None else args.task_index
+    count = env_count if args.num_tasks is None else args.num_tasks
+    if count == 1:
+        ensure_synth(cfg)
+    precompute.run(cfg, task_index=index, num_tasks=count)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    if args.nproc is not None:
+        cfg.nproc = args.nproc
+    from latentforge.launch import local
+
+    if local.should_spawn(cfg.nproc):
+        argv = ["train"] + (["--config", args.config] if args.config else []) + \
+               (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
+        return local.spawn(argv, cfg.nproc)
+    from latentforge.launch.env import apply, discover
+
+    apply(discover())
+    from latentforge.training.loop import train
+
+    result = train(cfg)
+    return local.REQUEUE_EXIT_CODE if result.preempted else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from latentforge.eval.standalone import main as eval_main
+
+    return eval_main(args.target, args.preset, args.config, args.overrides)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from latentforge.training.export import export
+
+    out = export(args.run_dir, args.out, tag=args.tag)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from latentforge.training.export import sample_from_export
+
+    path = sample_from_export(args.model, args.prompt, args.out, n=args.n, steps=args.steps,
+                              cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from latentforge.launch.submit import submit
+
+    return submit(args.kind, args.profile, args.preset, args.config, list(args.overrides), target=args.target,
+                  wait=args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from latentforge.launch.submit import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from latentforge.training.runs import main as runs_main
+
+    return runs_main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from latentforge.launch.demo import demo
+
+    return demo(args.run_root, list(args.overrides))
+
+
+HANDLERS = {
+    "precompute": cmd_precompute, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
+    "sample": cmd_sample, "submit": cmd_submit, "status": cmd_status, "runs": cmd_runs, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from latentforge.training.config import ConfigError
+
+    try:
+        if args.command == "data":
+            return cmd_data_synth(args) if args.data_command == "synth" else cmd_data_inspect(args)
+        return HANDLERS[args.command](args)
+    except ConfigError as e:
+        print(f"latentforge: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"latentforge: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

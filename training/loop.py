@@ -1,0 +1,303 @@
+"""The training loop. Setup lives in small build_* helpers; `train()` reads top to bottom.
+
+Every rank runs this. Randomness is a pure function of (seed, rank, step): the noise,
+timesteps and caption dropout of step s on rank r come from a generator seeded with
+(seed, r, s, micro-step), and the loader's order from (seed, epoch, dataset). With the
+saved loader position, EMA, optimizer and weights, a resumed run continues bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentforge.data import latents as lat
+from latentforge.data.loader import LatentLoader, split_parts
+from latentforge.training import checkpoint, dist
+from latentforge.training import config as config_mod
+from latentforge.training.config import Config
+from latentforge.training.unet import build_unet, count_params, unet_forward
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# Preemption: a signal only sets a flag; the loop agrees on it at step boundaries and all
+# ranks save together (DeepSpeed's save is collective; DESIGN.md guarantee 4).
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self, signums: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+        for s in signums:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def set(self, signum: int = signal.SIGUSR2) -> None:
+        self.signum = signum
+
+
+STOP = StopFlag()
+
+
+@dataclass
+class TrainResult:
+    step: int
+    samples_seen: int
+    run_dir: Path
+    mlflow_run_id: str | None
+    preempted: bool
+    last_metrics: dict[str, float]
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, rank, step, micro, 0x7A1]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# Setup helpers.
+
+
+def build_run_dir(cfg: Config) -> Path:
+    run_dir = cfg.resolved_run_dir
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "config.yaml"
+        if checkpoint.latest_tag(run_dir) and saved.exists():
+            old = config_mod.load_resolved(saved)
+            if config_mod.config_hash(old) != config_mod.config_hash(cfg):
+                raise config_mod.ConfigError(
+                    f"{run_dir}: holds a checkpoint of a run with a different model/codec/text/diffusion config; "
+                    f"resume with the same settings or choose a new run_name")
+        config_mod.save(cfg, saved)  # the resolved config, before step 0
+    dist.barrier()
+    return run_dir
+
+
+def build_data(cfg: Config, encoders: Any, position: dict | None, micro_batch: int) -> tuple[LatentLoader, dict]:
+    latent_dir = cfg.resolved_latent_dir
+    manifest = lat.load_manifest(latent_dir)
+    lat.check_identity(manifest, encoders.identity(cfg), str(latent_dir / lat.MANIFEST))
+    train_parts, heldout_parts = split_parts(manifest, cfg.data.heldout_shards)
+    codec = encoders.codec
+    loader = LatentLoader(latent_dir, train_parts, micro_batch=micro_batch, seed=cfg.train.seed, rank=dist.rank(),
+                          world_size=dist.world_size(), num_workers=cfg.data.num_workers,
+                          prefetch_factor=cfg.data.prefetch_factor, scale=codec.scale, shift=codec.shift,
+                          shapes=manifest["shapes"], position=position)
+    return loader, {"manifest": manifest, "heldout_parts": heldout_parts}
+
+
+def build_model(cfg: Config, shapes: dict[str, list[int]]) -> torch.nn.Module:
+    C, h, _ = shapes["latent"]
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    unet = build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
+    if cfg.train.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(cfg: Config) -> TrainResult:
+    from latentforge.data.precompute import build_encoders
+    from latentforge.eval.evaluate import Evaluator
+    from latentforge.training import engine as eng
+    from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
+    from latentforge.training.ema import EMA
+    from latentforge.training.tracking import Tracker, run_key_for
+
+    eng.init_distributed(cfg.train.collective_timeout_s)
+    rank, world, device = dist.rank(), dist.world_size(), dist.device()
+    STOP.install()
+    run_dir = build_run_dir(cfg)
+    micro_batch, accum = eng.batch_split(cfg, world)
+
+    # Encoders: the manifest check needs their identity; eval needs the text encoder for
+    # prompts and the codec to decode samples.
+    encoders = build_encoders(cfg, device)
+    identity = encoders.identity(cfg)
+    manifest = lat.load_manifest(cfg.resolved_latent_dir)
+    shapes = manifest["shapes"]
+    null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(cfg.resolved_latent_dir))
+
+    # Model, engine, EMA.
+    unet = build_model(cfg, shapes)
+    n_params = count_params(unet)
+    engine = eng.build_engine(unet, cfg, run_dir)
+    ema = None
+    if cfg.ema.enabled:
+        with engine.full_parameters() as m:
+            ema = EMA(m, cfg.ema)
+
+    # Resume: the default whenever the run directory holds a checkpoint.
+    client: dict[str, Any] = {}
+    tag = checkpoint.latest_tag(run_dir)
+    if tag:
+        client = checkpoint.load(engine, run_dir, tag)
+        if ema is not None and "ema" in client:
+            ema.load_state_dict(client["ema"])
+        dist.print0(f"[train] resumed from {run_dir / checkpoint.CKPT / tag} at step {client['step']}")
+    step = int(client.get("step", 0))
+    samples_seen = int(client.get("samples_seen", 0))
+    nonfinite_total = int(client.get("nonfinite_total", 0))
+    data, extra = build_data(cfg, encoders, client.get("loader"), micro_batch)
+
+    # Tracking: rank 0 owns the MLflow run; its id lives in the checkpoint.
+    tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
+                      run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
+                      system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
+                      run_key=run_key_for(run_dir) if dist.is_main() else None)
+    run_id = tracker.start(run_id=client.get("mlflow_run_id"))
+    if not tag:
+        tracker.log_params(config_mod.flatten(cfg))
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "ds_config.json")
+    tracker.set_tags({"world_size": str(world), "n_params": str(n_params), "run_dir": str(run_dir.resolve())})
+
+    schedule = Schedule.from_config(cfg.diffusion)
+    evaluator = Evaluator(cfg, encoders, shapes, extra["heldout_parts"], (null_tokens, null_pooled), run_dir,
+                          schedule)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return unet_forward(engine, x.to(engine.dtype), t, {k: v.to(engine.dtype) for k, v in cond.items()})
+
+    dist.print0(f"[train] {n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
+                f"{data.steps_per_epoch // accum} steps/epoch, steps {step} -> {cfg.train.max_steps}, run {run_dir}")
+    it = iter(data)
+    last_ckpt_time = time.monotonic()
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
+    metrics: dict[str, float] = {}
+    nonfinite_run = 0
+    unsynced = 0.0  # this rank's samples not yet added to samples_seen (all-reduced at log/checkpoint)
+    preempted = False
+    t_start, step_start = time.monotonic(), step
+    status = "FAILED"
+    try:
+        while step < cfg.train.max_steps:
+            engine.set_lr(eng.lr_at(cfg, step))
+
+            # Forward and backward over the micro-batches of one optimizer step.
+            skipped = False
+            for micro in range(accum):
+                t_wait = time.perf_counter()
+                batch = next(it)
+                window["wait"] += time.perf_counter() - t_wait
+                gen = step_generator(cfg.train.seed, rank, step, micro)
+                x0 = batch["latents"].to(device)
+                text, pooled, _ = cfg_drop(batch["text"], null_tokens, cfg.diffusion.cfg_dropout, gen,
+                                           pooled=batch["pooled"], null_pooled=null_pooled)
+                cond = {"text": text.to(device), "pooled": pooled.to(device)}
+                mask = batch["mask"].to(device)
+                out = loss_fn(model_fn, x0, cond, cfg.diffusion, schedule, gen, mask=mask)
+                loss = out["loss"]
+                if dist.any_rank(not bool(torch.isfinite(loss))):
+                    # Skip: no gradient from this micro-batch on any rank.
+                    skipped = True
+                    if accum == 1:
+                        break  # no backward, no optimizer step: a true skip
+                    loss = engine.zero_loss()
+                engine.backward(loss)
+                engine.step()
+                window["loss"] += float(loss.detach()) / accum
+                window["samples"] += float(mask.sum())
+                unsynced += float(mask.sum())
+
+            # Count non-finite steps; abort after too many in a row.
+            if skipped:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                dist.print0(f"[train] step {step}: non-finite loss, step skipped ({nonfinite_run} in a row)")
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} consecutive non-finite losses at step {step} (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
+            else:
+                nonfinite_run = 0
+
+            # Update EMA.
+            if ema is not None and not skipped:
+                with engine.full_parameters() as m:
+                    ema.update(m, step)
+            step += 1
+            window["n"] += 1
+
+            # Log.
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                stats = dist.all_reduce_sum(torch.tensor([window["loss"], window["samples"], window["wait"],
+                                                          unsynced], dtype=torch.float64, device=device))
+                elapsed = time.perf_counter() - window["t0"]
+                n = max(window["n"], 1)
+                samples_seen += int(stats[3].item())
+                unsynced = 0.0
+                metrics = {
+                    "train/loss": stats[0].item() / world / n,
+                    "train/lr": eng.lr_at(cfg, step - 1),
+                    "train/grad_norm": engine.grad_norm(),
+                    "train/samples_per_s": stats[1].item() / elapsed,
+                    "train/data_wait_frac": stats[2].item() / world / elapsed,
+                    "train/epoch": float(data.epoch),
+                    "train/samples_seen": float(samples_seen),
+                    "train/nonfinite_steps": float(nonfinite_total),
+                }
+                tracker.log_metrics(metrics, step=step)
+                rate = (step - step_start) / max(time.monotonic() - t_start, 1e-9)
+                eta = (cfg.train.max_steps - step) / rate if rate > 0 else float("nan")
+                dist.print0(f"[train] step {step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
+                            f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                            f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% ETA {eta / 60:.1f} min")
+                window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
+
+            # Checkpoint (every N steps, every M minutes, or on a preemption signal). The
+            # flags are agreed on by all ranks: one small all-reduce per step.
+            flags = dist.all_reduce_max(torch.tensor(
+                [float(STOP.signum is not None),
+                 float(cfg.train.ckpt_every_minutes > 0
+                       and time.monotonic() - last_ckpt_time > 60 * cfg.train.ckpt_every_minutes)], device=device))
+            stop, timed = bool(flags[0] > 0), bool(flags[1] > 0)
+            every = cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0
+            if every or timed or stop or step == cfg.train.max_steps:
+                samples_seen += int(dist.all_reduce_sum(torch.tensor([unsynced], dtype=torch.float64,
+                                                                     device=device)).item())
+                unsynced = 0.0
+                client_state = {
+                    "step": step, "samples_seen": samples_seen, "loader": data.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "mlflow_run_id": tracker.run_id,
+                    "config_hash": config_mod.config_hash(cfg), "nonfinite_total": nonfinite_total,
+                    # What export and stand-alone eval need without the latent directory:
+                    "shapes": shapes, "identity": identity, "scale": encoders.codec.scale,
+                    "shift": encoders.codec.shift, "null_text": {"tokens": null_tokens, "pooled": null_pooled},
+                }
+                checkpoint.save(engine, run_dir, step, client_state, cfg.train.keep_last)
+                last_ckpt_time = time.monotonic()
+            if stop:
+                preempted = True
+                dist.print0(f"[train] stop signal {STOP.signum}: checkpointed at step {step}, exiting for requeue")
+                break
+
+            # Evaluate.
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
+                tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
+
+        if not preempted:
+            tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
+        status = "KILLED" if preempted else "FINISHED"
+    finally:
+        tracker.finish(status)
+    return TrainResult(step=step, samples_seen=samples_seen, run_dir=run_dir, mlflow_run_id=tracker.run_id,
+                       preempted=preempted, last_metrics=metrics)
