@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"latentforge: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"latentforge: {e}", file=sys.stderr)
         return 2
 

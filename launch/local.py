@@ -21,7 +21,8 @@ REQUEUE_EXIT_CODE = 3  # a rank that checkpointed on a stop signal and wants to 
 
 def under_launcher() -> bool:
     """True when this process is already one rank of a launched job."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return ("RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") is not None
+            or ("SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1))
 
 
 def should_spawn(nproc: int) -> bool:

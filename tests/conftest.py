@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
+
 
 # ---------------------------------------------------------------------------------------
 # A tiny latent dataset shared by the end-to-end tests: synthetic shapes -> precompute.
