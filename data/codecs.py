@@ -42,8 +42,17 @@ class CodecWeightsNotFound(FileNotFoundError):
 def parse_dtype(name: str, key: str) -> torch.dtype:
     """"fp32" | "bf16" | "fp16" -> torch dtype, or a ValueError naming the config `key`."""
     if name not in DTYPES:
-        raise ValueError(f"{key}: expected fp32, bf16 or fp16, got {name!r}")
+        raise ValueError(f"{key}: expected auto, fp32, bf16 or fp16, got {name!r}")
     return DTYPES[name]
+
+
+def resolve_dtype_name(name: str, device: torch.device | str, key: str) -> str:
+    """"auto" -> "bf16" on CUDA, "fp32" elsewhere (bf16 matmuls are slower than fp32 on
+    CPUs); any other name is checked and returned. The resolved name is what identities record."""
+    if name == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    parse_dtype(name, key)
+    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,8 +262,8 @@ class VAECodec(ImageCodec):
                  device: torch.device | str = "cpu", slicing: bool = False) -> None:
         from diffusers import AutoencoderKL
 
-        self.dtype_name = dtype
-        self.dtype = parse_dtype(dtype, "codec.dtype")
+        self.dtype_name = resolve_dtype_name(dtype, device, "codec.dtype")
+        self.dtype = parse_dtype(self.dtype_name, "codec.dtype")
         if scale < 0:
             raise ValueError(f"codec.scale: expected a positive number (or 0 for the VAE's scaling_factor), "
                              f"got {scale}")

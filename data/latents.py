@@ -5,6 +5,7 @@ Layout of a latent dataset directory (written by `latentforge precompute`):
     LATENT_DIR/
       manifest.json             dataset manifest: parts with exact counts, totals, rejections
                                 by reason, and the identity of everything that shaped the numbers
+      identity.json             that identity, written first: a re-run with other encoders is refused
       null_text.npz             the empty caption's embedding (classifier-free guidance's null)
       shards/NAME-000.tar       latent shard parts (WebDataset tars), one per <= N samples
       shards/NAME.json          per-raw-shard manifest; written last, so it marks NAME as done
@@ -20,15 +21,27 @@ One tar sample per raw sample kept (WebDataset naming, `KEY.field.ext`):
 
 Latents are stored raw (the posterior, before scale and shift); the loader samples
 `mean + std * eps` and applies `(z - shift) * scale` just in time (STYLE.md item 6).
+
+Every file here is a pure function of its content: tars have fixed member metadata, JSON
+is written with sorted keys, the npz has fixed zip timestamps. So a re-run after a crash
+writes byte-identical files, and `precompute --verify` can compare sha256 digests.
+
+Reading a part (`PartIndex`) takes one `readinto` of the file and a walk over its
+512-byte tar headers; arrays are zero-copy numpy views into that buffer. Python's
+`tarfile` builds an object per member and was the loader's largest cost.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,8 +50,10 @@ import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+IDENTITY = "identity.json"
 NULL_TEXT = "null_text.npz"
 SHARDS = "shards"
+ARRAY_FIELDS = ("mean", "std", "text", "pooled")  # stored as KEY.<field>.npy
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -52,20 +67,32 @@ def _npy_load(b: bytes) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
+def sha256_path(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class TarWriter:
-    """Writes a tar with fixed metadata (mtime 0, uid 0) so equal inputs give equal bytes.
-    The file appears under its final name only when `close()` completes (tmp + rename)."""
+    """Writes a tar with fixed metadata (mtime 0, uid 0, mode 644) so equal inputs give
+    equal bytes. POSIX (pax) format: long or non-ASCII keys get a pax record instead of
+    an error. The file appears under its final name only when `close()` completes
+    (tmp + fsync + rename). `sha256` is the digest of the bytes written."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.count = 0
+        self.sha256 = ""
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -83,6 +110,7 @@ class TarWriter:
         self._tar.close()
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
+        self.sha256 = sha256_path(self.tmp)
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
@@ -95,13 +123,13 @@ def encode_sample(key: str, caption: str, mean: np.ndarray, std: np.ndarray | No
     """Fields of one latent sample. Arrays are stored as fp16 .npy."""
     fields = {
         "caption.txt": caption.encode("utf-8"),
-        "mean.npy": _npy_bytes(mean.astype(np.float16)),
-        "text.npy": _npy_bytes(text.astype(np.float16)),
-        "pooled.npy": _npy_bytes(pooled.astype(np.float16)),
+        "mean.npy": _npy_bytes(np.ascontiguousarray(mean, dtype=np.float16)),
+        "text.npy": _npy_bytes(np.ascontiguousarray(text, dtype=np.float16)),
+        "pooled.npy": _npy_bytes(np.ascontiguousarray(pooled, dtype=np.float16)),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
     if std is not None:
-        fields["std.npy"] = _npy_bytes(std.astype(np.float16))
+        fields["std.npy"] = _npy_bytes(np.ascontiguousarray(std, dtype=np.float16))
     return fields
 
 
@@ -130,25 +158,189 @@ def _decode(key: str, fields: dict[str, bytes]) -> LatentRecord:
     )
 
 
+# ---------------------------------------------------------------------------------------
+# Reading parts.
+
+# WebDataset's split of a member name: the key keeps its folders and ends at the first
+# dot of the basename ("a.b/000.mean.npy" -> "a.b/000", "mean.npy").
+_KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)[.]([^/]*)$")
+_BLOCK = 512
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+class CorruptPart(ValueError):
+    """A latent part that does not parse. The message names the file."""
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(field, 8) if field else 0
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The "path" record of a pax extended header ("LEN path=VALUE\\n" records)."""
+    pos, path = 0, None
+    while pos < len(records):
+        sp = records.index(b" ", pos)
+        n = int(records[pos:sp])
+        kv = records[sp + 1:pos + n - 1]
+        k, _, v = kv.partition(b"=")
+        if k == b"path":
+            path = v.decode("utf-8", "surrogateescape")
+        pos += n
+    return path
+
+
+class PartIndex:
+    """A latent part held in memory: its samples in file order, with each field's
+    (offset, size) in one buffer. `array(i, field)` is a zero-copy fp16 view.
+
+    Parses the tar headers itself (USTAR + pax path records, as `TarWriter` writes them)
+    and checks every header's checksum; anything else falls back to `tarfile`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = os.path.getsize(self.path)
+        # np.empty, not bytearray: no zero-fill of a buffer that is overwritten at once.
+        # Writable, so torch.from_numpy on its views does not warn.
+        self.buf = np.empty(size, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(self.buf))
+        if got != size:
+            raise CorruptPart(f"{self.path}: read {got} of {size} bytes")
+        self.keys: list[str] = []
+        self.fields: list[dict[str, tuple[int, int]]] = []
+        try:
+            self._index()
+        except CorruptPart:
+            raise
+        except Exception as e:  # bad octal digits, bad pax records, ...
+            raise CorruptPart(f"{self.path}: not a readable latent part ({type(e).__name__}: {e})") from None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _add(self, name: str, offset: int, size: int) -> None:
+        m = _KEY_RE.match(name[2:] if name.startswith("./") else name)
+        if m is None:
+            return  # no extension: no part of a sample (we never write such members)
+        key, ext = m.group(1), m.group(2)
+        if not self.keys or self.keys[-1] != key:
+            self.keys.append(key)
+            self.fields.append({})
+        self.fields[-1][ext] = (offset, size)
+
+    def _index(self) -> None:
+        mv, n = memoryview(self.buf), len(self.buf)
+        blocks = self.buf[:n - n % _BLOCK].reshape(-1, _BLOCK)
+        zero = bytes(_BLOCK)
+        pos, pax_name, headers = 0, None, []
+        while True:
+            if pos + _BLOCK > n:
+                raise CorruptPart(f"{self.path}: ends at byte {n} without an end-of-archive marker (truncated?)")
+            hdr = mv[pos:pos + _BLOCK].tobytes()
+            if hdr == zero:
+                break  # end-of-archive marker
+            headers.append(pos // _BLOCK)
+            size = _octal(hdr[124:136])
+            kind = hdr[156:157]
+            data = pos + _BLOCK
+            if data + size > n:
+                raise CorruptPart(f"{self.path}: member at byte {pos} runs past the end of the file (truncated?)")
+            if kind == b"x":
+                pax_name = _pax_path(mv[data:data + size].tobytes())
+            elif kind == b"g":
+                pass  # global pax header: no per-member information we use
+            elif kind in (b"0", b"\0"):
+                name = pax_name
+                if name is None:
+                    name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    prefix = hdr[345:500].split(b"\0", 1)[0]
+                    if hdr[257:262] == b"ustar" and prefix:
+                        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+                self._add(name, data, size)
+                pax_name = None
+            elif kind == b"5":
+                pax_name = None  # a directory
+            else:  # GNU long names, links, ...: not ours, let tarfile handle it
+                self.keys, self.fields = [], []
+                self._index_tarfile()
+                return
+            pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        # Checksums of every header, vectorised: the sum of the header's bytes with the
+        # checksum field (148:156) read as spaces.
+        h = blocks[np.asarray(headers, dtype=np.int64)].astype(np.int64)
+        want = h.sum(axis=1) - h[:, 148:156].sum(axis=1) + 8 * 32
+        for i, row in enumerate(headers):
+            got = _octal(mv[row * _BLOCK + 148:row * _BLOCK + 156].tobytes())
+            if got != want[i]:
+                raise CorruptPart(f"{self.path}: bad tar header checksum at byte {row * _BLOCK} (corrupt file)")
+
+    def _index_tarfile(self) -> None:
+        with tarfile.open(self.path, "r") as tar:
+            for m in tar:
+                if m.isfile():
+                    self._add(m.name, m.offset_data, m.size)
+
+    def raw(self, i: int, ext: str) -> bytes:
+        off, size = self.fields[i][ext]
+        return self.buf[off:off + size].tobytes()
+
+    def has(self, i: int, ext: str) -> bool:
+        return ext in self.fields[i]
+
+    def array(self, i: int, field: str) -> np.ndarray:
+        """Sample i's KEY.<field>.npy as a zero-copy view into the buffer."""
+        off, size = self.fields[i][f"{field}.npy"]
+        buf = memoryview(self.buf)
+        if buf[off:off + 6] != _NPY_MAGIC:
+            raise CorruptPart(f"{self.path}: {self.keys[i]}.{field}.npy is not an .npy array")
+        major = buf[off + 6]
+        hl = 2 if major == 1 else 4
+        hlen = int.from_bytes(buf[off + 8:off + 8 + hl], "little")
+        start = off + 8 + hl
+        header = buf[start:start + hlen].tobytes()
+        parsed = _NPY_HEADERS.get(header)
+        if parsed is None:  # the same few headers recur: parse each once per process
+            d = ast.literal_eval(header.decode("latin-1"))
+            parsed = (np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"]))
+            if parsed[0].hasobject:
+                raise CorruptPart(f"{self.path}: {self.keys[i]}.{field}.npy holds Python objects")
+            _NPY_HEADERS[header] = parsed
+        dtype, shape, fortran = parsed
+        count = math.prod(shape)
+        if start + hlen + count * dtype.itemsize > off + size:
+            raise CorruptPart(f"{self.path}: {self.keys[i]}.{field}.npy is shorter than its header says")
+        a = self.buf[start + hlen:start + hlen + count * dtype.itemsize].view(dtype)
+        return a.reshape(shape, order="F" if fortran else "C")
+
+    def meta(self, i: int) -> dict[str, Any]:
+        return json.loads(self.raw(i, "json"))
+
+    def record(self, i: int) -> LatentRecord:
+        f = self.fields[i]
+        return LatentRecord(
+            key=self.keys[i],
+            caption=self.raw(i, "caption.txt").decode("utf-8"),
+            mean=self.array(i, "mean").copy(),
+            std=self.array(i, "std").copy() if "std.npy" in f else None,
+            text=self.array(i, "text").copy(),
+            pooled=self.array(i, "pooled").copy(),
+            meta=self.meta(i),
+        )
+
+
 def read_raw_fields(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a latent tar, undecoded, in file order: [(key, {ext: bytes})]."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    index: dict[str, int] = {}
-    with tarfile.open(path, "r") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            data = tar.extractfile(m).read()  # type: ignore[union-attr]
-            if key not in index:
-                index[key] = len(samples)
-                samples.append((key, {}))
-            samples[index[key]][1][ext] = data
-    return samples
+    p = PartIndex(path)
+    return [(k, {ext: p.raw(i, ext) for ext in f}) for i, (k, f) in enumerate(zip(p.keys, p.fields))]
 
 
 def read_part(path: str | os.PathLike) -> list[LatentRecord]:
-    return [_decode(k, f) for k, f in read_raw_fields(path)]
+    p = PartIndex(path)
+    return [p.record(i) for i in range(len(p))]
 
 
 def iter_records(latent_dir: str | os.PathLike, parts: list[str] | None = None) -> Iterator[LatentRecord]:
@@ -170,6 +362,16 @@ def shard_manifest_path(latent_dir: Path, name: str) -> Path:
     return Path(latent_dir) / SHARDS / f"{name}.json"
 
 
+def part_name(shard: str, i: int) -> str:
+    return f"{shard}-{i:03d}.tar"
+
+
+def part_pattern(shard: str) -> re.Pattern[str]:
+    """Matches exactly the part files (and their temporaries) of raw shard `shard`, and
+    never those of another shard whose name merely starts the same ("a" vs "a-000")."""
+    return re.compile(rf"^\.?{re.escape(shard)}-\d{{3,}}\.tar(?:\.tmp-\d+)?$")
+
+
 def load_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
     p = Path(latent_dir) / MANIFEST
     if not p.is_file():
@@ -178,12 +380,17 @@ def load_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+class ShardsNotDone(FileNotFoundError):
+    """The dataset manifest cannot be assembled yet: some raw shards have no manifest."""
+
+
 def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
                       expected_shards: list[str] | None = None) -> dict[str, Any]:
     """Combine every per-shard manifest into LATENT_DIR/manifest.json.
 
     `expected_shards` (raw shard names) makes it refuse to assemble while any is missing,
-    so a job array's last task can call this safely."""
+    and leave out manifests of shards no longer named (so a job array's last task can call
+    this safely)."""
     latent_dir = Path(latent_dir)
     shard_files = sorted((latent_dir / SHARDS).glob("*.json"))
     shards = [json.loads(p.read_text()) for p in shard_files]
@@ -191,8 +398,10 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
         done = {s["name"] for s in shards}
         missing = sorted(set(expected_shards) - done)
         if missing:
-            raise RuntimeError(f"cannot assemble {latent_dir / MANIFEST}: {len(missing)} shard(s) not done yet, "
-                               f"e.g. {missing[:3]}")
+            raise ShardsNotDone(f"cannot assemble {latent_dir / MANIFEST}: {len(missing)} of {len(expected_shards)} "
+                                f"raw shard(s) not done yet, e.g. {missing[:3]}; run the missing precompute tasks")
+        wanted = set(expected_shards)
+        shards = [s for s in shards if s["name"] in wanted]
     want = identity_hash(identity)
     for s in shards:
         if s["identity_hash"] != want:
@@ -204,6 +413,7 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
     for s in shards:
         for reason, n in s["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + n
+    shapes = next((s["shapes"] for s in shards if s["shapes"]), {})
     manifest = {
         "format_version": FORMAT_VERSION,
         "identity": identity,
@@ -214,16 +424,22 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
         "written": sum(s["written"] for s in shards),
         "rejected": dict(sorted(rejected.items())),
         "shard_errors": {s["name"]: s["errors"] for s in shards if s["errors"]},
-        "shapes": shards[0]["shapes"] if shards else {},
+        "shapes": shapes,
     }
     write_json_atomic(latent_dir / MANIFEST, manifest)
     return manifest
 
 
 def save_null_text(latent_dir: Path, tokens: np.ndarray, pooled: np.ndarray) -> None:
+    """The empty caption's embedding, as an .npz with fixed zip timestamps (np.savez
+    stamps the current time, which would make re-runs differ)."""
     p = Path(latent_dir) / NULL_TEXT
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, tokens=tokens.astype(np.float32), pooled=pooled.astype(np.float32))
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, a in (("tokens", tokens), ("pooled", pooled)):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, _npy_bytes(np.ascontiguousarray(a, dtype=np.float32)))
     os.replace(tmp, p)
 
 
@@ -250,3 +466,42 @@ def check_identity(manifest: dict[str, Any], expected: dict[str, Any], where: st
         raise ValueError(f"{where}: latent manifest does not match the config ({'; '.join(diffs[:4])}"
                          f"{'; ...' if len(diffs) > 4 else ''}). Re-run precompute into a new data.latent_dir "
                          f"or fix the codec/text/data.resolution settings.")
+
+
+# ---------------------------------------------------------------------------------------
+# A random dataset in the real format, for tests and benchmarks of the reading path.
+
+
+def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shapes: dict[str, list[int]],
+                         seed: int = 0, with_std: bool = True,
+                         identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parts `r{i:05d}-000.tar` holding counts[i] samples of random fp16 arrays with the
+    given shapes ({"latent": [C, h, w], "text": [L, D], "pooled": [P]}), their per-shard
+    manifests, the dataset manifest and a null text. Returns the manifest."""
+    d = Path(latent_dir)
+    (d / SHARDS).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    identity = identity if identity is not None else {"kind": "random", "seed": seed}
+    ih = identity_hash(identity)
+    L = shapes["text"][0]
+    for i, n in enumerate(counts):
+        name = f"r{i:05d}"
+        parts = []
+        if n:
+            w = TarWriter(d / SHARDS / part_name(name, 0))
+            for j in range(n):
+                key = f"{name}_{j:06d}"
+                mean = rng.standard_normal(shapes["latent"]).astype(np.float16)
+                std = (rng.random(shapes["latent"]) * 0.1 + 0.01).astype(np.float16) if with_std else None
+                text = rng.standard_normal(shapes["text"]).astype(np.float16)
+                pooled = rng.standard_normal(shapes["pooled"]).astype(np.float16)
+                meta = {"text_len": int(rng.integers(2, L + 1))}
+                w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta))
+            w.close()
+            parts.append({"file": w.path.name, "count": n, "sha256": w.sha256})
+        write_json_atomic(shard_manifest_path(d, name), {
+            "name": name, "raw_shard": name, "identity_hash": ih, "parts": parts, "seen": n, "written": n,
+            "rejected": {}, "rejections": [], "errors": [], "notes": [], "shapes": shapes})
+    write_json_atomic(d / IDENTITY, identity)
+    save_null_text(d, np.zeros(shapes["text"], np.float32), np.zeros(shapes["pooled"], np.float32))
+    return assemble_manifest(d, identity)

@@ -215,18 +215,31 @@ def _eps_generator(seed: int, epoch: int, part: int, index: int) -> torch.Genera
 
 
 def finalize(rec_mean: np.ndarray, rec_std: np.ndarray | None, fin: Finalize, epoch: int, part: int,
-             index: int) -> torch.Tensor:
-    z = torch.from_numpy(rec_mean.astype(np.float32))  # (C, h, w)
+             index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One training latent (C, h, w) f32 from a stored posterior (fp16):
+    z = mean + std * eps, then (z - shift) * scale, written into `out` if given.
+    eps depends only on (seed, epoch, part, index in the tar), not on the layout, so a
+    re-dealt sample keeps it."""
+    z = torch.from_numpy(rec_mean).float()  # (C, h, w)
     if rec_std is not None:
         eps = torch.randn(z.shape, generator=_eps_generator(fin.seed, epoch, part, index))
-        z = z + torch.from_numpy(rec_std.astype(np.float32)) * eps
-    return (z - fin.shift) * fin.scale
+        z = z.add_(torch.from_numpy(rec_std).float().mul_(eps))
+    if fin.shift:
+        z = z.sub_(fin.shift)
+    return torch.mul(z, fin.scale, out=out) if out is not None else z.mul_(fin.scale)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
     """Yields the batches of this rank's streams, from a given batch onward. Each worker
     owns one stream. Batches carry (stream, batch index) so the main process can put them
-    in schedule order whatever order the workers deliver them in."""
+    in schedule order whatever order the workers deliver them in.
+
+    What the stream holds after each stage:
+        plan.streams[stream]      segments (part, start, end), in deal order
+        PartIndex(file)           the part in memory, one read; fields located, not decoded
+        sample_order              positions -> indices in the tar, this epoch's permutation
+        _collate                  B samples: fp16 views -> f32 batch tensors, latents finalized
+    """
 
     def __init__(self, latent_dir: Path, files: list[str], plan: Plan, rank: int, start_batch: list[int],
                  epoch: int, fin: Finalize, shapes: dict[str, list[int]]):
@@ -253,17 +266,19 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         B = self.plan.layout.micro_batch
         skip = self.start_batch[stream] * B
         j = self.start_batch[stream]
-        buf: list[tuple[int, int, lat.LatentRecord]] = []
+        buf: list[tuple[int, int, lat.PartIndex]] = []  # (part, index in the tar, the part's data)
         for seg in self.plan.streams[stream]:
             if skip >= seg.size:
                 skip -= seg.size
                 continue
-            records = lat.read_raw_fields(self.latent_dir / self.files[seg.part])
-            order = sample_order(self.fin.seed, self.epoch, seg.part, len(records))
+            path = self.latent_dir / self.files[seg.part]
+            part = lat.PartIndex(path)
+            if len(part) < seg.end:
+                raise lat.CorruptPart(f"{path}: holds {len(part)} samples, the manifest says at least {seg.end}; "
+                                      f"re-run `latentforge precompute --verify`")
+            order = sample_order(self.fin.seed, self.epoch, seg.part, len(part))
             for pos in range(seg.start + skip, seg.end):
-                idx = int(order[pos])
-                key, fields = records[idx]
-                buf.append((seg.part, idx, lat._decode(key, fields)))
+                buf.append((seg.part, int(order[pos]), part))
                 if len(buf) == B:
                     yield self._collate(stream, j, buf)
                     j += 1
@@ -272,14 +287,20 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         if buf:
             yield self._collate(stream, j, buf)
 
-    def _collate(self, stream: int, j: int, buf: list[tuple[int, int, lat.LatentRecord]]) -> dict[str, Any]:
+    def _collate(self, stream: int, j: int, buf: list[tuple[int, int, lat.PartIndex]]) -> dict[str, Any]:
         B = self.plan.layout.micro_batch
-        batch = empty_batch(B, self.shapes)
-        for i, (part, idx, rec) in enumerate(buf):
-            batch["latents"][i] = finalize(rec.mean, rec.std, self.fin, self.epoch, part, idx)
-            batch["text"][i] = torch.from_numpy(rec.text.astype(np.float32))
-            batch["pooled"][i] = torch.from_numpy(rec.pooled.astype(np.float32))
-            batch["text_len"][i] = int(rec.meta.get("text_len", 0))
+        batch = _batch_buffers(B, len(buf), self.shapes)
+        want = (tuple(self.shapes["latent"]), tuple(self.shapes["text"]), tuple(self.shapes["pooled"]))
+        for i, (part, idx, data) in enumerate(buf):
+            mean, text, pooled = data.array(idx, "mean"), data.array(idx, "text"), data.array(idx, "pooled")
+            std = data.array(idx, "std") if data.has(idx, "std.npy") else None
+            if (mean.shape, text.shape, pooled.shape) != want:
+                raise lat.CorruptPart(f"{data.path}: sample {data.keys[idx]} has shapes {mean.shape}, {text.shape}, "
+                                      f"{pooled.shape}; the manifest says {want}")
+            finalize(mean, std, self.fin, self.epoch, part, idx, out=batch["latents"][i])  # (C, h, w)
+            batch["text"][i].copy_(torch.from_numpy(text))  # fp16 -> f32 in the copy, (L, D)
+            batch["pooled"][i].copy_(torch.from_numpy(pooled))  # (P,)
+            batch["text_len"][i] = int(data.meta(idx).get("text_len", 0))
             batch["mask"][i] = 1.0
             batch["part"][i] = part
             batch["index"][i] = idx
@@ -301,6 +322,31 @@ def empty_batch(B: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         "stream": -1,
         "batch_index": -1,
     }
+
+
+def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Uninitialised batch tensors for n real samples, padding rows n..B-1 zeroed.
+
+    In a DataLoader worker the big ones are allocated in shared memory, as DataLoader's own
+    default_collate does (`_typed_storage()._new_shared`): sending a tensor to the main
+    process then costs no copy, where a private tensor would be copied into shared memory.
+    """
+    in_worker = torch.utils.data.get_worker_info() is not None
+
+    def alloc(*shape: int) -> torch.Tensor:
+        if not in_worker:
+            return torch.empty(shape)
+        proto = torch.empty(0)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+        return proto.new(storage).resize_(*shape)
+
+    batch = empty_batch(B, {"latent": [0], "text": [0], "pooled": [0]})
+    batch["latents"] = alloc(B, *shapes["latent"])
+    batch["text"] = alloc(B, *shapes["text"])
+    batch["pooled"] = alloc(B, *shapes["pooled"])
+    for k in ("latents", "text", "pooled"):
+        batch[k][n:] = 0.0
+    return batch
 
 
 def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict], list[dict]]:
@@ -348,6 +394,11 @@ class LatentLoader:
         """Micro-steps in a full epoch at this layout (every rank takes the same number)."""
         return Plan(epoch_segments(self.seed, self.epoch, self.counts), self.layout).steps
 
+    @property
+    def steps_remaining(self) -> int:
+        """Micro-steps left in the current epoch (the same on every rank)."""
+        return self._plan.steps - self._k
+
     def state_dict(self) -> dict[str, Any]:
         return self.position.state_dict()
 
@@ -368,9 +419,10 @@ class LatentLoader:
         source: Iterator[dict[str, Any]] | None = None
         if self._k < len(schedule):
             nw = self.layout.num_workers
+            # Pinned host memory makes the trainer's .to(device) an async DMA on CUDA.
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                              prefetch_factor=self.prefetch_factor if nw else None,
-                                             persistent_workers=False)
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
             source = iter(dl)
         while self._k < plan.steps:
             if self._k < len(schedule):

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from latentforge.data.codecs import parse_dtype, sha256_file
+from latentforge.data.codecs import parse_dtype, resolve_dtype_name, sha256_file
 from latentforge.training.config import TextConfig
 
 TINY = "tiny"
@@ -140,7 +140,8 @@ class TextEncoder:
 
         if cfg.layer not in ("penultimate", "last"):
             raise ValueError(f"text.layer: expected 'penultimate' or 'last', got {cfg.layer!r}")
-        self.dtype = parse_dtype(cfg.dtype, "text.dtype")
+        self.dtype_name = resolve_dtype_name(cfg.dtype, device, "text.dtype")  # "auto" -> bf16 on CUDA, else fp32
+        self.dtype = parse_dtype(self.dtype_name, "text.dtype")
         self.cfg = cfg
         self.layer = cfg.layer
         self.device = torch.device(device)
@@ -175,7 +176,7 @@ class TextEncoder:
             model = open_clip.create_model(
                 open_clip_name,
                 pretrained=str(path) if source == "file" else None,
-                precision=cfg.dtype,
+                precision=self.dtype_name,
                 device="cpu",
             )
         if not all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final", "attn_mask")):
@@ -268,7 +269,7 @@ class TextEncoder:
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
             "kind": "open_clip", "model": self.cfg.model, "arch": self.arch, "weights_sha256": self.weights_sha256(),
-            "layer": self.layer, "dtype": self.cfg.dtype, "context_length": self.context_length,
+            "layer": self.layer, "dtype": self.dtype_name, "context_length": self.context_length,
             "width": self.width, "pooled_dim": self.pooled_dim, "tokenizer": type(self.tokenizer).__name__,
         }
         return ident

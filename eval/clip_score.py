@@ -67,6 +67,31 @@ class ClipScorer:
         self.source = source  # the weights file or local-dir: it came from; None if random
         self.is_random = is_random
         self.metric_name = "eval/clip_score_randinit" if is_random else "eval/clip_score"
+        self._weights_sha256: str | None = None
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the weights file(s) it was loaded from; for random init, of the
+        generated state (a pure function of the seed). For the eval protocol. Computed
+        once, on first use (ViT-B-32 is ~600 MB to hash)."""
+        if self._weights_sha256 is None:
+            from latentforge.data.codecs import sha256_file, sha256_files
+
+            if self.source is None:
+                self._weights_sha256 = _state_dict_sha256(self.model)
+            elif self.source.startswith(LOCAL_DIR_PREFIX):
+                d = Path(self.source[len(LOCAL_DIR_PREFIX):])
+                files = [p for pat in ("*.safetensors", "*.bin", "*.pth") for p in d.glob(pat)]
+                self._weights_sha256 = sha256_files(files, d)
+            else:
+                self._weights_sha256 = sha256_file(self.source)
+        return self._weights_sha256
+
+    def protocol(self) -> dict[str, Any]:
+        """What identifies these scores, for the eval protocol artifact."""
+        return {"metric": self.metric_name, "arch": self.arch, "weights": self.source, "random_init": self.is_random,
+                "weights_sha256": self.weights_sha256, "formula": "100 * max(cos(image, text), 0), mean over pairs",
+                "preprocess": "open_clip inference transform (resize shorter side, centre crop, normalise)"}
 
     def _pixels(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
         """The model's input (N, 3, S, S) float from uint8 (N, 3, H, W) or PIL images."""
@@ -117,13 +142,31 @@ def clip_score(scorer: ClipScorer, images: torch.Tensor | Sequence[Any], prompts
     total = 0.0
     for i in range(0, n, batch_size):
         total += float(scorer.score(images[i:i + batch_size], prompts[i:i + batch_size]).double().sum())
+    return mean_over_ranks(total, n)
+
+
+def mean_over_ranks(total: float, count: int) -> float:
+    """sum(total) / sum(count) over all ranks: the mean over every pair, whatever each rank
+    holds. Callers that score batch by batch (eval) sum per-pair scores locally and call
+    this once. Collective: every rank calls it, also a rank with count 0."""
     # [sum, count] in float64: one collective, exact counts.
-    packed = torch.tensor([total, float(n)], dtype=torch.float64, device=dist.device())
+    packed = torch.tensor([float(total), float(count)], dtype=torch.float64, device=dist.device())
     dist.all_reduce_sum(packed)
     total_all, count_all = packed.tolist()
     if count_all == 0:
         raise ValueError("clip_score: no (image, prompt) pairs on any rank")
     return total_all / count_all
+
+
+def _state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over names and bytes of a module's state: the identity of random weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_local_dir(directory: str) -> None:

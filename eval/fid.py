@@ -182,7 +182,8 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     symmetric PSD matrix M = S1^(1/2) S2 S1^(1/2), so tr((S1 S2)^(1/2)) = sum sqrt(eig(M)).
     Two symmetric eigendecompositions (`eigh`) need no eps * I fallback for singular
     covariances (fewer images than 2048 features) and produce no imaginary parts; tiny
-    negative eigenvalues from rounding are clipped to 0. torchmetrics >= 1.0 uses the same
+    negative eigenvalues from rounding are clipped to 0, and only S1's numerical range
+    enters the second one (see below). torchmetrics >= 1.0 uses the same
     identity via eig(S1 S2) (cf. Mathiasen & Hvilshøj 2020, "Backpropagating through FID").
     Accepts tensors or arrays; mu (D,), sigma (D, D).
     """
@@ -197,9 +198,16 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     s1 = (s1 + s1.T) / 2  # symmetric up to rounding already; eigh wants exactly symmetric
     s2 = (s2 + s2.T) / 2
     w, v = scipy.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^(1/2), (D, D)
-    m = root1 @ s2 @ root1
-    ev = scipy.linalg.eigvalsh((m + m.T) / 2)
+    # Only S1's numerically non-zero part matters. With S1 = V_r W_r V_r^T (rank r),
+    # M = S1^(1/2) S2 S1^(1/2) = V_r K V_r^T where K = W_r^(1/2) V_r^T S2 V_r W_r^(1/2) is
+    # (r, r), so M's non-zero eigenvalues are K's. With fewer images than features
+    # (r <= N - 1 < D, the usual case on CPU and in tests) this replaces two D x D products
+    # and a D x D eigvalsh with r x r work: about 3x faster at D = 2048. The dropped
+    # eigenvalues lie below S1's rounding floor (max * D * eps); full rank drops nothing.
+    keep = w > max(float(w.max()), 0.0) * d * np.finfo(np.float64).eps
+    b = v[:, keep] * np.sqrt(w[keep])  # V_r W_r^(1/2), (D, r)
+    k = b.T @ s2 @ b  # (r, r)
+    ev = scipy.linalg.eigvalsh((k + k.T) / 2) if k.size else np.zeros(0)
     tr_covmean = float(np.sqrt(np.clip(ev, 0.0, None)).sum())
     diff = m1 - m2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
@@ -334,6 +342,13 @@ def load_inception(weights_path: str | os.PathLike | None, device: torch.device 
     extractor.weights_sha256 = weights_sha256(path)
     extractor.metric_name = "eval/fid"
     return extractor.to(device).eval()
+
+
+def inception_protocol(extractor: nn.Module) -> dict[str, Any]:
+    """What identifies an extractor's features, for the eval protocol artifact."""
+    return {"metric": extractor.metric_name, "weights": extractor.weights_path,
+            "random_init": bool(extractor.is_random), "random_init_seed": extractor.random_init_seed,
+            "weights_sha256": extractor.weights_sha256, "network": "torch-fidelity inception-v3-compat pool3 (2048)"}
 
 
 @torch.no_grad()

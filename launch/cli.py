@@ -252,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"latentforge: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        print(f"latentforge: {e}", file=sys.stderr)
+        if os.environ.get("LATENTFORGE_DEBUG"):
+            raise
+        print(f"latentforge: {e} (set LATENTFORGE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

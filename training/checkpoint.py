@@ -3,19 +3,29 @@
     RUN_DIR/
       config.yaml                  the resolved config, written before step 0
       ds_config.json               the DeepSpeed config generated from it
+      SAVE_NOW                     (touch it) checkpoint at the next step boundary and go on
       checkpoints/
         latest                     text: the tag of the newest COMPLETE checkpoint
         step_00000400/             DeepSpeed's sharded files for this tag, plus
           rank_00000.pt ...        each rank's own state (RNG), written by that rank
-          COMPLETE                 written by rank 0 after every rank's files are on disk
+          COMPLETE                 JSON {step, world_size, zero_stage, time}, written by rank 0
+                                   after every rank's files are on disk
+        step_00000400_universal/   the same checkpoint in DeepSpeed's universal form (made when
+          zero/ ... COMPLETE       a run resumes with a different world size, or by
+                                   `latentforge ckpt universal`)
+        load_universal             text: a universal tag the next start-up loads, once
       samples/                     sample grids from eval
       export/                      `latentforge export` output
 
 A checkpoint is whole or absent (DESIGN.md guarantee 5): every rank writes its shards,
 all ranks meet at a barrier, then rank 0 writes COMPLETE and moves `latest` with an
 atomic rename. A crash anywhere before that leaves the previous `latest` in place; the
-half-written directory is ignored and removed by the next save. The last K complete
-checkpoints are kept.
+half-written directory is ignored, and removed at the next start-up (`clean_partial`) or
+by the next save of that step. The last K complete checkpoints are kept.
+
+Resume with a different world size (ZeRO 1-3 partition the optimizer state by rank) goes
+through a universal checkpoint: converted once, loaded once with DeepSpeed's
+`load_universal`, after which the flag is gone and the run writes ordinary checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,11 @@ from latentforge.training import dist
 CKPT = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL_FLAG = "load_universal"
+UNIVERSAL_SUFFIX = "_universal"
+SAVE_NOW = "SAVE_NOW"
 _TAG = re.compile(r"^step_(\d{8})$")
+_UTAG = re.compile(r"^step_(\d{8})_universal$")
 
 
 def ckpt_dir(run_dir: Path) -> Path:
@@ -44,6 +59,10 @@ def ckpt_dir(run_dir: Path) -> Path:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def universal_tag(tag: str) -> str:
+    return tag + UNIVERSAL_SUFFIX
 
 
 def complete_tags(run_dir: Path) -> list[str]:
@@ -61,10 +80,15 @@ def latest_tag(run_dir: Path) -> str | None:
     p = d / LATEST
     if p.is_file():
         tag = p.read_text().strip()
-        if (d / tag / COMPLETE).is_file():
+        if _TAG.match(tag) and (d / tag / COMPLETE).is_file():
             return tag
     tags = complete_tags(run_dir)
     return tags[-1] if tags else None
+
+
+def meta(run_dir: Path, tag: str) -> dict[str, Any]:
+    """The COMPLETE record of a checkpoint: step, world_size, zero_stage, time."""
+    return json.loads((ckpt_dir(run_dir) / tag / COMPLETE).read_text())
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -104,6 +128,10 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+# ---------------------------------------------------------------------------------------
+# Saving.
+
+
 def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
     """Collective: every rank calls it. Returns the tag."""
     d = ckpt_dir(run_dir)
@@ -122,6 +150,7 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _atomic_write(d / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.world_size(),
+                                                       "zero_stage": engine.cfg.train.zero_stage,
                                                        "time": time.time()}))
         _atomic_write(d / LATEST, tag)
         prune(run_dir, keep_last)
@@ -131,29 +160,165 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; remove older ones and any
-    incomplete directory older than `latest`."""
+    """Keep the newest `keep_last` complete checkpoints; remove older ones, any incomplete
+    directory older than `latest`, and universal copies no start-up will load any more."""
     d = ckpt_dir(run_dir)
     tags = complete_tags(run_dir)
     keep = set(tags[-keep_last:]) if keep_last > 0 else set(tags)
     latest = latest_tag(run_dir)
+    pending = pending_universal(run_dir)
     for p in d.iterdir():
+        if _UTAG.match(p.name):
+            # Needed only while its base is still `latest` (a resume may yet load it).
+            if p.name != pending and p.name[: -len(UNIVERSAL_SUFFIX)] != latest:
+                shutil.rmtree(p, ignore_errors=True)
+            continue
         if not _TAG.match(p.name) or p.name in keep or p.name == latest:
             continue
         if (p / COMPLETE).is_file() or (latest is not None and p.name < latest):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine: Any, run_dir: Path, tag: str) -> dict[str, Any]:
-    """Load weights, optimizer and client state; restore this rank's RNG if it was saved
-    with the same world size. Returns the client state."""
+def clean_partial(run_dir: Path) -> list[str]:
+    """Remove what crashed saves and conversions left: checkpoint directories without
+    COMPLETE and temporary conversion folders. Call on rank 0 at start-up, when no save is
+    running. Returns the names removed."""
     d = ckpt_dir(run_dir)
-    client = engine.load(d, tag)
-    rank_file = d / tag / f"rank_{dist.rank():05d}.pt"
-    meta = json.loads((d / tag / COMPLETE).read_text())
-    if rank_file.is_file() and meta.get("world_size") == dist.world_size():
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        partial = (_TAG.match(p.name) or _UTAG.match(p.name)) and not (p / COMPLETE).is_file()
+        if partial or (p.is_dir() and p.name.startswith(".") and p.name.endswith(".tmp")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming.
+
+
+def pending_universal(run_dir: Path) -> str | None:
+    """The universal tag the next start-up must load (set by `make_universal`), if any."""
+    p = ckpt_dir(run_dir) / UNIVERSAL_FLAG
+    if not p.is_file():
+        return None
+    utag = p.read_text().strip()
+    return utag if (ckpt_dir(run_dir) / utag / COMPLETE).is_file() else None
+
+
+def make_universal(run_dir: Path, tag: str | None = None) -> str:
+    """Convert checkpoint `tag` (default: latest) to its universal form and flag it for the
+    next start-up. One process; idempotent. Returns the universal tag."""
+    from latentforge.training.engine import to_universal
+
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint to convert")
+    src = ckpt_dir(run_dir) / tag
+    if not (src / COMPLETE).is_file():
+        raise FileNotFoundError(f"{src}: not a complete checkpoint")
+    utag = universal_tag(tag)
+    dst = ckpt_dir(run_dir) / utag
+    if not (dst / COMPLETE).is_file():
+        t0 = time.monotonic()
+        print(f"[checkpoint] converting {src} to a universal checkpoint (DeepSpeed ds_to_universal)", flush=True)
+        to_universal(src, dst)
+        _atomic_write(dst / COMPLETE, json.dumps({**meta(run_dir, tag), "universal_of": tag}))
+        print(f"[checkpoint] universal checkpoint {dst} written in {time.monotonic() - t0:.1f}s", flush=True)
+    _atomic_write(ckpt_dir(run_dir) / UNIVERSAL_FLAG, utag)
+    return utag
+
+
+def drop_universal_flag(run_dir: Path) -> None:
+    (ckpt_dir(run_dir) / UNIVERSAL_FLAG).unlink(missing_ok=True)
+
+
+@dataclass
+class ResumePlan:
+    tag: str  # the checkpoint resumed from
+    load_tag: str  # what DeepSpeed loads: `tag`, or its universal form
+    universal: bool
+    reason: str  # why universal (for the log), "" otherwise
+
+
+def plan_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan | None:
+    """How this start-up resumes, or None for a fresh run. Not collective; every rank gets
+    the same answer from the same files (after rank 0 converted, see `prepare_resume`)."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    m = meta(run_dir, tag)
+    saved_world, saved_stage = int(m.get("world_size", world_size)), int(m.get("zero_stage", zero_stage))
+    pending = pending_universal(run_dir)
+    if pending == universal_tag(tag):
+        return ResumePlan(tag, pending, True, "flagged by `latentforge ckpt universal`")
+    if saved_stage != zero_stage and 0 in (saved_stage, zero_stage):
+        from latentforge.training.config import ConfigError
+
+        raise ConfigError(f"train.zero_stage: {run_dir / CKPT / tag} was saved with ZeRO stage {saved_stage}; "
+                          f"resuming with stage {zero_stage} is only possible between stages 1-3")
+    if saved_stage == 0:  # one unpartitioned optimizer state: loads at any world size as it is
+        return ResumePlan(tag, tag, False, "")
+    if saved_world != world_size or saved_stage != zero_stage:
+        return ResumePlan(tag, universal_tag(tag), True,
+                          f"saved with world size {saved_world} and ZeRO stage {saved_stage}, "
+                          f"now {world_size} and {zero_stage}")
+    return ResumePlan(tag, tag, False, "")
+
+
+def prepare_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan | None:
+    """Collective. Rank 0 removes crashed saves and, when the plan needs it, converts the
+    checkpoint to its universal form while the other ranks wait at a barrier (bounded by
+    train.collective_timeout_s; convert a very large checkpoint ahead of time with
+    `latentforge ckpt universal RUN_DIR`)."""
+    plan = plan_resume(run_dir, world_size, zero_stage)  # every rank: a bad resume fails everywhere
+    if dist.is_main():
+        for name in clean_partial(run_dir):
+            print(f"[checkpoint] removed incomplete {ckpt_dir(run_dir) / name} (a crashed save)", flush=True)
+        if plan is not None and plan.universal:
+            make_universal(run_dir, plan.tag)
+    dist.barrier()
+    return plan_resume(run_dir, world_size, zero_stage) if plan is not None and plan.universal else plan
+
+
+def load(engine: Any, run_dir: Path, plan: ResumePlan) -> dict[str, Any]:
+    """Load weights, optimizer and client state; restore this rank's RNG if it was saved
+    with the same world size. Collective. Returns the client state."""
+    d = ckpt_dir(run_dir)
+    client = engine.load(d, plan.load_tag, universal=plan.universal)
+    rank_file = d / plan.tag / f"rank_{dist.rank():05d}.pt"
+    if rank_file.is_file() and meta(run_dir, plan.tag).get("world_size") == dist.world_size():
         set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+    if plan.universal:
+        dist.barrier()  # every rank has loaded it: the flag has done its one job
+        if dist.is_main():
+            drop_universal_flag(run_dir)
     return client
+
+
+# ---------------------------------------------------------------------------------------
+# Reading checkpoints in one process (export, eval, tests).
+
+
+def _model_states_file(d: Path) -> Path:
+    f = d / "mp_rank_00_model_states.pt"
+    return f if f.is_file() else d / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank
+
+
+_DS_KEYS = ("module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes", "shared_params",
+            "frozen_param_fragments", "buffer_names", "ds_config", "ds_version", "skipped_steps", "global_steps",
+            "global_samples", "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "sparse_tensor_module_names")
+
+
+def client_state(run_dir: Path, tag: str | None = None) -> dict[str, Any]:
+    """The client state (step, loader position, EMA, ...) of a checkpoint."""
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
+    states = torch.load(_model_states_file(ckpt_dir(run_dir) / tag), map_location="cpu", weights_only=False)
+    return {k: v for k, v in states.items() if k not in _DS_KEYS}
 
 
 def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -163,14 +328,8 @@ def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[st
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
     d = ckpt_dir(run_dir) / tag
-    states_file = d / "mp_rank_00_model_states.pt"
-    if not states_file.is_file():  # ZeRO-3 names it per data-parallel rank
-        states_file = d / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
-    client = {k: v for k, v in states.items() if k not in ("module", "optimizer", "lr_scheduler",
-                                                           "param_shapes", "frozen_param_shapes",
-                                                           "shared_params", "frozen_param_fragments",
-                                                           "buffer_names")}
+    states = torch.load(_model_states_file(d), map_location="cpu", weights_only=False)
+    client = {k: v for k, v in states.items() if k not in _DS_KEYS}
     if list(d.glob("*zero_pp_rank_*optim_states.pt")):
         from latentforge.training.engine import consolidated_state_dict
 

@@ -41,6 +41,7 @@ class DataConfig:
     max_pixels: int = 64_000_000  # refuse raw images with more pixels (decompression bombs)
     latent_samples_per_shard: int = 512  # samples per latent shard written by precompute
     precompute_batch_size: int = 64  # images per encoder batch in precompute
+    precompute_workers: int = 2  # precompute: worker processes decoding raw shards while the main one encodes; 0 = none
     heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
     num_workers: int = 1  # DataLoader workers per rank for latent shards
     prefetch_factor: int = 4  # batches prefetched per worker
@@ -53,7 +54,7 @@ class CodecConfig:
     patch: int = 2  # pixel: unshuffle factor; latent grid is resolution / patch
     scale: float = 0.0  # multiply latents by this after subtracting shift; 0 = the codec's own default
     shift: float = 0.0  # subtracted from latents before scaling (SD-1/2 VAE: 0)
-    dtype: str = "fp32"  # compute dtype for encoding: fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TextConfig:
     model: str = "tiny"  # open_clip architecture name ("ViT-H-14", ...) or "tiny" (random, for CPU)
     pretrained: str = ""  # local open_clip checkpoint file, or "local-dir:DIR"; "" = random init
     layer: str = "penultimate"  # token sequence from the "penultimate" (SD-2) or "last" layer
-    dtype: str = "fp32"  # compute dtype for encoding: fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
 
 
 @dataclass
@@ -145,10 +146,12 @@ class EvalConfig:
     use_ema: bool = True  # evaluate the EMA weights (if any)
     inception_path: str = ""  # torch-fidelity FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "" = random init, logged as eval/fid_randinit
     fid_num_images: int = 0  # generated and reference images for FID; 0 = no FID
-    fid_batch_size: int = 64  # images per Inception forward
+    fid_batch_size: int = 64  # images per sampler batch and per Inception forward in FID/CLIP eval
     fid_cache_dir: str = ""  # reference-statistics cache; "" = run_root/fid_cache
     clip_arch: str = "ViT-B-32"  # open_clip architecture for CLIP score, or "tiny"
     clip_pretrained: str = ""  # local open_clip weights file or "local-dir:DIR"; "" = random init, logged as eval/clip_score_randinit
+    clip_score: bool = True  # CLIP score of the generated images (FID set if any, else the grid); false = skip
+    cfg_sweep: tuple[float, ...] = ()  # stand-alone eval: CFG scales to sweep (plus eval.cfg_scale); () = only eval.cfg_scale
 
 
 @dataclass
@@ -478,8 +481,8 @@ def validate(cfg: Config) -> None:
     if cfg.codec.kind == "pixel" and cfg.data.resolution % cfg.codec.patch:
         raise ConfigError(f"codec.patch: {cfg.codec.patch} does not divide data.resolution {cfg.data.resolution}")
     for sec, name in (("codec", cfg.codec.dtype), ("text", cfg.text.dtype)):
-        if name not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"{sec}.dtype: expected fp32, bf16 or fp16, got {name!r}")
+        if name not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"{sec}.dtype: expected auto, fp32, bf16 or fp16, got {name!r}")
     if cfg.text.layer not in ("penultimate", "last"):
         raise ConfigError(f"text.layer: expected 'penultimate' or 'last', got {cfg.text.layer!r}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):

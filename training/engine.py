@@ -1,8 +1,9 @@
 """The only module that imports deepspeed: initialise, forward, backward, step, save, load.
 
 Everything DeepSpeed-specific (the ds_config, ZeRO stages, precision, the process group,
-gathering ZeRO-3 parameters, checkpoint calls) lives here so the training loop reads as
-plain PyTorch. deepspeed is imported inside functions: `latentforge --help` stays fast.
+gathering ZeRO-3 parameters, skipping a step, checkpoint calls, universal checkpoints)
+lives here so the training loop reads as plain PyTorch. deepspeed is imported inside
+functions: `latentforge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,13 +43,18 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours. `load_universal` is set only for the one
+    start-up that resumes from a universal checkpoint (a different world size)."""
     micro, accum = batch_split(cfg, world_size)
     prec = precision(cfg)
+    cuda = dist.device().type == "cuda"
+    if prec == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 (dynamic loss scaling) is for CUDA; use fp32 or bf16 on CPU")
     zero: dict[str, Any] = {
         "stage": cfg.train.zero_stage,
         "contiguous_gradients": True,
-        "overlap_comm": dist.device().type == "cuda",
+        "overlap_comm": cuda,
         "reduce_bucket_size": 5e7,
         "allgather_bucket_size": 5e7,
     }
@@ -56,22 +63,25 @@ def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
                     stage3_gather_16bit_weights_on_model_save=False)
     if cfg.train.offload_optimizer:
         if cfg.train.zero_stage == 0:
-            raise ConfigError("train.offload_optimizer: needs train.zero_stage >= 1")
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.device().type == "cuda"}
+            raise ConfigError("train.offload_optimizer: ZeRO-Offload needs train.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": prec == "bf16"},
+        # bf16: DeepSpeed keeps fp32 master weights and skips a step whose gradients are
+        # not finite (check_grad_overflow). fp16: dynamic loss scaling from 2**16.
+        "bf16": {"enabled": prec == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # Our client AdamW (torch) is fine on CPU with offload; DeepSpeedCPUAdam needs a compiled op.
+        # Our client AdamW (torch) runs the offloaded step on the CPU; DeepSpeedCPUAdam would
+        # need a compiled op, and this build of deepspeed ships none.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -97,7 +107,8 @@ def _free_port() -> int:
 
 def init_distributed(timeout_s: float) -> None:
     """Join the process group (env:// from RANK/WORLD_SIZE/MASTER_*). A lone process gets a
-    one-rank group on loopback, so the same code path runs everywhere."""
+    one-rank group on loopback, so the same code path runs everywhere. `timeout_s` bounds
+    every collective: a dead rank makes the others fail instead of waiting forever."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -117,10 +128,11 @@ def init_distributed(timeout_s: float) -> None:
 class Engine:
     """A thin wrapper over a DeepSpeed engine with the calls the training loop needs."""
 
-    def __init__(self, ds_engine: Any, cfg: Config, config_dict: dict[str, Any]):
+    def __init__(self, ds_engine: Any, cfg: Config, config_dict: dict[str, Any], client_optimizer: Any):
         self.ds = ds_engine
         self.cfg = cfg
         self.config_dict = config_dict
+        self.client_optimizer = client_optimizer  # our torch AdamW, wrapped by DeepSpeed's ZeRO optimizer
         self.micro_batch, self.accum = config_dict["train_micro_batch_size_per_gpu"], \
             config_dict["gradient_accumulation_steps"]
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
@@ -137,24 +149,34 @@ class Engine:
         return self.ds(*args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
-        for g in self.ds.optimizer.param_groups:
+        for g in self.client_optimizer.param_groups:
             g["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
-    def step(self) -> None:
+    def step(self, skip: bool = False) -> bool:
+        """One micro-step. At the accumulation boundary the optimizer steps, unless `skip`:
+        then the client optimizer's step is a no-op, so weights and Adam moments (and its
+        step count) are untouched, while DeepSpeed runs its usual boundary bookkeeping
+        (gradient reduction, clipping, zeroing the accumulated gradients) and its counters
+        stay aligned. Returns whether an optimizer update was applied at this boundary:
+        False between boundaries, when skipped, or when DeepSpeed itself dropped the step
+        because the gradients were not finite (ZeRO's overflow check)."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if skip and boundary:
+            self.client_optimizer.step = lambda *a, **k: None  # instance attribute shadows the method
+            try:
+                self.ds.step()
+            finally:
+                del self.client_optimizer.step
+            return False
         self.ds.step()
+        return boundary and not bool(getattr(self.ds.optimizer, "overflow", False))
 
     def grad_norm(self) -> float:
         n = self.ds.get_global_grad_norm()
         return float(n) if n is not None else float("nan")
-
-    def zero_loss(self) -> torch.Tensor:
-        """A zero loss that touches every trainable parameter, so a skipped micro-batch still
-        runs DeepSpeed's gradient hooks (with zero gradients) and its counters stay aligned."""
-        return sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad),
-                   torch.zeros((), device=self.device))
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[torch.nn.Module]:
@@ -172,20 +194,51 @@ class Engine:
         """Collective: every rank writes its shards. `latest` is left to the caller."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-        path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+    def load(self, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str, Any]:
+        """Load weights, optimizer state and the client state. `universal`: `tag` is a
+        universal checkpoint (see `to_universal`); DeepSpeed re-partitions it for this
+        world size. The flag holds for this one load only: later checkpoints of this run
+        are ordinary ones, and so are later resumes."""
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         return client or {}
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state as flat tensors (tests compare them across a skipped
+        step): {"{group}.{param}.{key}": tensor}. For ZeRO the parameters are this rank's
+        flat fp32 partitions."""
+        out: dict[str, torch.Tensor] = {}
+        opt = self.client_optimizer
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for k, v in opt.state.get(p, {}).items():
+                    out[f"{gi}.{pi}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        return out
 
-def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = None) -> Engine:
+
+def _activation_checkpointing_available(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "_supports_gradient_checkpointing", False))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = None,
+                 load_universal: bool = False) -> Engine:
+    """deepspeed.initialize with our AdamW (decay on matrices only), then the optional
+    activation checkpointing and torch.compile. Writes ds_config.json into the run dir."""
     import deepspeed
 
-    config_dict = ds_config(cfg, dist.world_size())
+    config_dict = ds_config(cfg, dist.world_size(), load_universal=load_universal)
     if run_dir is not None and dist.is_main():
-        (run_dir / "ds_config.json").write_text(json.dumps(config_dict, indent=1))
+        write_ds_config(run_dir, config_dict)
+    if cfg.train.activation_checkpointing:
+        if not _activation_checkpointing_available(model):
+            raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+        model.enable_gradient_checkpointing()  # diffusers: recompute each block's activations in backward
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
@@ -193,7 +246,32 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.optim.betas, eps=cfg.optim.eps)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_dict)
-    return Engine(ds_engine, cfg, config_dict)
+    if cfg.train.compile:
+        compile_engine(ds_engine)
+    return Engine(ds_engine, cfg, config_dict, optimizer)
+
+
+def write_ds_config(run_dir: Path, config_dict: dict[str, Any]) -> None:
+    tmp = Path(run_dir) / ".ds_config.json.tmp"
+    tmp.write_text(json.dumps(config_dict, indent=1))
+    os.replace(tmp, Path(run_dir) / "ds_config.json")
+
+
+def compile_engine(ds_engine: Any) -> None:
+    """torch.compile the module through DeepSpeed (engine.compile keeps ZeRO's hooks
+    working). The CPU backend (inductor) needs a C++ compiler; say so clearly."""
+    if dist.device().type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise ConfigError("train.compile: torch.compile on CPU needs a C++ compiler (g++ or $CXX) on PATH; "
+                          "install one or set train.compile=false")
+    try:
+        ds_engine.compile()
+    except Exception as e:  # e.g. an unsupported torch build; one line, naming the key
+        raise ConfigError(f"train.compile: torch.compile failed: {str(e).splitlines()[0] if str(e) else e!r}; "
+                          f"set train.compile=false") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint files without an engine.
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -202,3 +280,31 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float().clone() for k, v in sd.items()}
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert the DeepSpeed checkpoint directory `src` (ZeRO 1-3) into a universal
+    checkpoint at `dst` with DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal):
+    every parameter's fp32 weights and Adam moments, whole, so any world size can load them.
+    One process, no process group. Writes into a temporary directory and renames."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    src, dst = Path(src), Path(dst)
+    if not list(src.glob("*optim_states.pt")):
+        raise ValueError(f"{src}: no ZeRO optimizer shards; only ZeRO stage 1-3 checkpoints need (and have) a "
+                         f"universal form (stage 0 checkpoints load at any world size as they are)")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # Our client state carries no Megatron-style universal_checkpoint_info;
+                              # a plain data-parallel model needs only the version stamp.
+                              inject_missing_state=True)
+    ds_to_universal.main(args)
+    # The converter points `<parent>/latest_universal` at its output folder (our temporary
+    # name); we pass tags explicitly, so drop it rather than leave a dangling name.
+    (tmp.parent / "latest_universal").unlink(missing_ok=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)

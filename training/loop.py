@@ -36,10 +36,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopFlag:
+    """Set by a signal handler, read by the loop at step boundaries."""
+
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def install(self, signums: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+    def install(self, signums: tuple[int, ...]) -> None:
         for s in signums:
             signal.signal(s, self._handler)
 
@@ -49,8 +51,12 @@ class StopFlag:
     def set(self, signum: int = signal.SIGUSR2) -> None:
         self.signum = signum
 
+    def clear(self) -> None:
+        self.signum = None
 
-STOP = StopFlag()
+
+STOP = StopFlag()  # SIGUSR2 / SIGTERM: checkpoint, then exit for requeue
+SAVE = StopFlag()  # SIGUSR1 (or touching RUN_DIR/SAVE_NOW): checkpoint, then go on
 
 
 @dataclass
@@ -104,10 +110,7 @@ def build_data(cfg: Config, encoders: Any, position: dict | None, micro_batch: i
 def build_model(cfg: Config, shapes: dict[str, list[int]]) -> torch.nn.Module:
     C, h, _ = shapes["latent"]
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    unet = build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
-    if cfg.train.activation_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
+    return build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,9 +127,13 @@ def train(cfg: Config) -> TrainResult:
 
     eng.init_distributed(cfg.train.collective_timeout_s)
     rank, world, device = dist.rank(), dist.world_size(), dist.device()
-    STOP.install()
+    STOP.install((signal.SIGUSR2, signal.SIGTERM))
+    SAVE.install((signal.SIGUSR1,))
     run_dir = build_run_dir(cfg)
     micro_batch, accum = eng.batch_split(cfg, world)
+    # Resume is the default whenever the run directory holds a checkpoint. A different
+    # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
+    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage)
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
     # prompts and the codec to decode samples.
@@ -139,20 +146,23 @@ def train(cfg: Config) -> TrainResult:
     # Model, engine, EMA.
     unet = build_model(cfg, shapes)
     n_params = count_params(unet)
-    engine = eng.build_engine(unet, cfg, run_dir)
+    engine = eng.build_engine(unet, cfg, run_dir, load_universal=bool(resume and resume.universal))
     ema = None
     if cfg.ema.enabled:
         with engine.full_parameters() as m:
             ema = EMA(m, cfg.ema)
 
-    # Resume: the default whenever the run directory holds a checkpoint.
+    # Resume: weights, optimizer, EMA, step, data position, RNG, MLflow run id.
     client: dict[str, Any] = {}
-    tag = checkpoint.latest_tag(run_dir)
-    if tag:
-        client = checkpoint.load(engine, run_dir, tag)
-        if ema is not None and "ema" in client:
+    tag = resume.tag if resume else None
+    if resume:
+        client = checkpoint.load(engine, run_dir, resume)
+        if ema is not None and client.get("ema"):
             ema.load_state_dict(client["ema"])
-        dist.print0(f"[train] resumed from {run_dir / checkpoint.CKPT / tag} at step {client['step']}")
+        how = f" through its universal form ({resume.reason})" if resume.universal else ""
+        dist.print0(f"[train] resumed from {run_dir / checkpoint.CKPT / resume.tag}{how} at step {client['step']}")
+        if resume.universal and dist.is_main():  # this run's later checkpoints are ordinary ones
+            eng.write_ds_config(run_dir, eng.ds_config(cfg, world))
     step = int(client.get("step", 0))
     samples_seen = int(client.get("samples_seen", 0))
     nonfinite_total = int(client.get("nonfinite_total", 0))
@@ -181,7 +191,8 @@ def train(cfg: Config) -> TrainResult:
                 f"{data.steps_per_epoch // accum} steps/epoch, steps {step} -> {cfg.train.max_steps}, run {run_dir}")
     it = iter(data)
     last_ckpt_time = time.monotonic()
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
+    window = {"loss": 0.0, "n": 0, "n_loss": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
+    overflow_total = 0  # fp16 steps DeepSpeed dropped while finding the loss scale
     metrics: dict[str, float] = {}
     nonfinite_run = 0
     unsynced = 0.0  # this rank's samples not yet added to samples_seen (all-reduced at log/checkpoint)
@@ -192,37 +203,48 @@ def train(cfg: Config) -> TrainResult:
         while step < cfg.train.max_steps:
             engine.set_lr(eng.lr_at(cfg, step))
 
-            # Forward and backward over the micro-batches of one optimizer step.
-            skipped = False
+            # Forward and backward over the micro-batches of one optimizer step. A
+            # non-finite loss on any rank in any micro-batch skips the whole step: the ranks
+            # agree once, before the boundary, and the optimizer update becomes a no-op
+            # (weights and Adam moments untouched). The backward passes still run, so
+            # DeepSpeed's accumulation and reduction stay in step on every rank; the
+            # gradients they leave are discarded at the boundary.
+            local_bad = False
+            step_loss = 0.0
             for micro in range(accum):
                 t_wait = time.perf_counter()
                 batch = next(it)
                 window["wait"] += time.perf_counter() - t_wait
                 gen = step_generator(cfg.train.seed, rank, step, micro)
-                x0 = batch["latents"].to(device)
+                x0 = batch["latents"].to(device)  # (B, C, h, w)
                 text, pooled, _ = cfg_drop(batch["text"], null_tokens, cfg.diffusion.cfg_dropout, gen,
                                            pooled=batch["pooled"], null_pooled=null_pooled)
-                cond = {"text": text.to(device), "pooled": pooled.to(device)}
-                mask = batch["mask"].to(device)
+                cond = {"text": text.to(device), "pooled": pooled.to(device)}  # (B, L, D), (B, P)
+                mask = batch["mask"].to(device)  # (B,) 0 for padding
                 out = loss_fn(model_fn, x0, cond, cfg.diffusion, schedule, gen, mask=mask)
                 loss = out["loss"]
-                if dist.any_rank(not bool(torch.isfinite(loss))):
-                    # Skip: no gradient from this micro-batch on any rank.
-                    skipped = True
-                    if accum == 1:
-                        break  # no backward, no optimizer step: a true skip
-                    loss = engine.zero_loss()
+                finite = bool(torch.isfinite(loss))
+                local_bad |= not finite
+                skip = dist.any_rank(local_bad) if micro == accum - 1 else False
                 engine.backward(loss)
-                engine.step()
-                window["loss"] += float(loss.detach()) / accum
+                applied = engine.step(skip=skip)
+                step_loss += float(loss.detach()) / accum if finite else 0.0
                 window["samples"] += float(mask.sum())
                 unsynced += float(mask.sum())
+            # DeepSpeed drops a step by itself when the gradients are not finite (ZeRO's
+            # overflow check; under fp16 that is also how the loss scale finds its level).
+            skipped = skip or (not applied and engine.dtype != torch.float16)
+            overflowed = not skip and not applied and engine.dtype == torch.float16
+            overflow_total += int(overflowed)
+            if not skipped and not overflowed:
+                window["loss"] += step_loss
+                window["n_loss"] += 1
 
             # Count non-finite steps; abort after too many in a row.
             if skipped:
                 nonfinite_total += 1
                 nonfinite_run += 1
-                dist.print0(f"[train] step {step}: non-finite loss, step skipped ({nonfinite_run} in a row)")
+                dist.print0(f"[train] step {step}: non-finite loss or gradients, step skipped ({nonfinite_run} in a row)")
                 if nonfinite_run >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{nonfinite_run} consecutive non-finite losses at step {step} (train.max_nonfinite_steps="
@@ -230,8 +252,8 @@ def train(cfg: Config) -> TrainResult:
             else:
                 nonfinite_run = 0
 
-            # Update EMA.
-            if ema is not None and not skipped:
+            # Update EMA (only with weights an optimizer step produced).
+            if ema is not None and applied:
                 with engine.full_parameters() as m:
                     ema.update(m, step)
             step += 1
@@ -242,11 +264,11 @@ def train(cfg: Config) -> TrainResult:
                 stats = dist.all_reduce_sum(torch.tensor([window["loss"], window["samples"], window["wait"],
                                                           unsynced], dtype=torch.float64, device=device))
                 elapsed = time.perf_counter() - window["t0"]
-                n = max(window["n"], 1)
                 samples_seen += int(stats[3].item())
                 unsynced = 0.0
                 metrics = {
-                    "train/loss": stats[0].item() / world / n,
+                    # Mean over ranks and over the window's applied steps (skipped ones have no loss).
+                    "train/loss": stats[0].item() / world / window["n_loss"] if window["n_loss"] else float("nan"),
                     "train/lr": eng.lr_at(cfg, step - 1),
                     "train/grad_norm": engine.grad_norm(),
                     "train/samples_per_s": stats[1].item() / elapsed,
@@ -255,23 +277,28 @@ def train(cfg: Config) -> TrainResult:
                     "train/samples_seen": float(samples_seen),
                     "train/nonfinite_steps": float(nonfinite_total),
                 }
+                if engine.dtype == torch.float16:
+                    metrics["train/overflow_steps"] = float(overflow_total)
                 tracker.log_metrics(metrics, step=step)
                 rate = (step - step_start) / max(time.monotonic() - t_start, 1e-9)
                 eta = (cfg.train.max_steps - step) / rate if rate > 0 else float("nan")
                 dist.print0(f"[train] step {step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
                             f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
                             f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% ETA {eta / 60:.1f} min")
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
+                window = {"loss": 0.0, "n": 0, "n_loss": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0.0}
 
-            # Checkpoint (every N steps, every M minutes, or on a preemption signal). The
-            # flags are agreed on by all ranks: one small all-reduce per step.
+            # Checkpoint: every N steps, every M minutes, on demand (SIGUSR1 or RUN_DIR/SAVE_NOW,
+            # which only rank 0 looks at), or on a preemption signal. The flags are agreed on
+            # by all ranks (DeepSpeed's save is collective): one small all-reduce per step.
             flags = dist.all_reduce_max(torch.tensor(
                 [float(STOP.signum is not None),
                  float(cfg.train.ckpt_every_minutes > 0
-                       and time.monotonic() - last_ckpt_time > 60 * cfg.train.ckpt_every_minutes)], device=device))
-            stop, timed = bool(flags[0] > 0), bool(flags[1] > 0)
+                       and time.monotonic() - last_ckpt_time > 60 * cfg.train.ckpt_every_minutes),
+                 float(SAVE.signum is not None or (dist.is_main() and (run_dir / checkpoint.SAVE_NOW).exists()))],
+                device=device))
+            stop, timed, asked = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
             every = cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0
-            if every or timed or stop or step == cfg.train.max_steps:
+            if every or timed or stop or asked or step == cfg.train.max_steps:
                 samples_seen += int(dist.all_reduce_sum(torch.tensor([unsynced], dtype=torch.float64,
                                                                      device=device)).item())
                 unsynced = 0.0
@@ -285,6 +312,11 @@ def train(cfg: Config) -> TrainResult:
                 }
                 checkpoint.save(engine, run_dir, step, client_state, cfg.train.keep_last)
                 last_ckpt_time = time.monotonic()
+                if asked:
+                    SAVE.clear()
+                    if dist.is_main():
+                        (run_dir / checkpoint.SAVE_NOW).unlink(missing_ok=True)
+                        print(f"[train] on-demand checkpoint at step {step}", flush=True)
             if stop:
                 preempted = True
                 dist.print0(f"[train] stop signal {STOP.signum}: checkpointed at step {step}, exiting for requeue")
