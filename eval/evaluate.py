@@ -138,6 +138,8 @@ class Evaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else self.run_dir  # grids and protocols go here
         self.schedule = schedule
         self.heldout_parts = list(heldout_parts)
+        self.fid_skip = self._fid_skip_reason()  # None when FID runs
+        self._check_settings()
         self.null_tokens, self.null_pooled = null_text
         self.prompts = default_prompts(cfg)
         emb = encoders.text.encode(self.prompts)
@@ -151,9 +153,7 @@ class Evaluator:
         self._clip: Any = None
         self._reference: tuple[Any, dict[str, Any]] | None = None
         self._params_logged = False
-        self.fid_skip = self._fid_skip_reason()  # None when FID runs
         self._announced: set[str] = set()
-        self._check_settings()
 
     # ------------------------------------------------------------------------------
     # Setup.
@@ -192,10 +192,11 @@ class Evaluator:
         return None
 
     def _announce(self, what: str, msg: str) -> None:
-        """Print a skip reason once per process, on rank 0."""
+        """Print a one-line note about metric `what` (a skip and its reason, or random
+        weights) once per process, on rank 0."""
         if what not in self._announced:
             self._announced.add(what)
-            dist.print0(f"[eval] {what} skipped: {msg}")
+            dist.print0(f"[eval] {msg}")
 
     def _load_heldout(self, parts: list[dict]) -> dict[str, torch.Tensor] | None:
         """This rank's share of the first `eval.heldout_samples` held-out latents."""
@@ -348,10 +349,10 @@ class Evaluator:
             metrics.update(fid_metrics)
             protocol.update(fid_protocol)
         else:
-            self._announce("eval/fid", self.fid_skip)
+            self._announce("eval/fid", f"eval/fid skipped: {self.fid_skip}")
             protocol["fid"] = {"skipped": self.fid_skip}
         if not self.cfg.eval.clip_score:
-            self._announce("eval/clip_score", "eval.clip_score=false")
+            self._announce("eval/clip_score", "eval/clip_score skipped: eval.clip_score=false")
             protocol["clip_score"] = {"skipped": "eval.clip_score=false"}
 
         # Sample grid (and CLIP score on it when there is no FID set), then adherence.
@@ -420,8 +421,9 @@ class Evaluator:
     def _reference_stats(self, fs: FidSet) -> tuple[Any, dict[str, Any]]:
         """Inception statistics of the FID set's real images, from the cache or computed
         (collectively) and cached. Returns (stats, protocol entry)."""
-        if self._reference is not None:
-            return self._reference
+        if self._reference is not None:  # computed or loaded earlier in this process
+            stats, entry = self._reference
+            return stats, {**entry, "reused_in_process": True}
         from latentforge.eval import fid
 
         inception = self._inception_net()

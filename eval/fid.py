@@ -22,6 +22,11 @@ Every image, real or generated, goes through the identical path:
    images at the eval resolution (32, 64, 256, ... px); real reference images as the data
    pipeline produced them at that same resolution (shorter side resized, centre crop).
    The reference cache key records the resolution, so stats at 64 px never serve 256 px.
+   latentforge's eval (eval/evaluate.py) takes the reference images from the held-out
+   latents, posterior means decoded by the codec: the training images themselves for the
+   pixel codec (up to fp16 storage), the VAE's reconstructions otherwise. FID then
+   measures the U-Net against the best its autoencoder allows, on exactly the data it
+   was not trained on; the cache key says so (`source`).
 2. Inside the network, torch-fidelity converts to float32 and resizes to 299 x 299 with
    `interpolate_bilinear_2d_like_tensorflow1x` (bilinear, align_corners=False, no
    antialiasing). This reproduces `tf.image.resize_bilinear` of the original TF FID code

@@ -47,3 +47,89 @@ def tiny_data(tmp_path_factory):
     ensure_synth(cfg)
     precompute.run(cfg)
     return root, overrides
+
+
+# ---------------------------------------------------------------------------------------
+# Ranks started directly, as torchrun or SLURM would (RANK/WORLD_SIZE/MASTER_* in the
+# environment), not through launch.local: tests can SIGKILL one rank and watch the others,
+# and can run a test-only preamble (monkeypatches) in every rank before the CLI.
+
+
+@pytest.fixture(scope="session")
+def start_ranks():
+    """start(argv, nproc, log_dir, preamble="", env=None) -> [Popen]: `latentforge ARGV` as
+    `nproc` ranks; rank r writes stdout and stderr to log_dir/rank{r}.log."""
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    def start(argv, nproc, log_dir, preamble="", env=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        script = (textwrap.dedent(preamble) + "\nimport sys\nfrom latentforge.launch.cli import main\n"
+                  "sys.exit(main(sys.argv[1:]))\n")
+        procs = []
+        for r in range(nproc):
+            e = dict(os.environ, **(env or {}), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                     OMP_NUM_THREADS="1")
+            with open(Path(log_dir) / f"rank{r}.log", "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=e, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        return procs
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_run(tiny_data):
+    """(run_root, run_dir, overrides, stdout): a 10-step 1-rank training run on tiny_data
+    with periodic eval at steps 5 and 10, FID on 4 held-out captions (random Inception,
+    random tiny CLIP). Shared by tests/test_evaluate.py and tests/test_eval_standalone.py.
+
+    `latentforge train` runs in a child process, through the CLI's own main(): in this
+    process DeepSpeed would leave a process group, RANK/WORLD_SIZE in os.environ (which
+    would make later `nproc=2` runs think they are already launched) and signal handlers.
+    """
+    import subprocess
+    import sys
+
+    root, overrides = tiny_data
+    args = [sys.executable, "-m", "latentforge.launch.cli", "train", "--preset", "tiny", *overrides,
+            "run_name=evalrun", "nproc=1", "train.max_steps=10", "eval.every_steps=5", "eval.fid_num_images=4"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    return root, root / "evalrun", overrides, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def train_run(tiny_data):
+    """train_run(name, *overrides, nproc=2) -> (run_dir, log text): `latentforge train` on the
+    tiny data in a subprocess (through launch.local), once per session for each distinct
+    (name, overrides, nproc), so test files share runs. Fails the test if the run fails."""
+    import hashlib
+    import subprocess
+    import sys
+
+    root, base = tiny_data
+    done = {}
+
+    def run(name, *overrides, nproc=2):
+        key = hashlib.sha256(repr((name, overrides, nproc)).encode()).hexdigest()[:8]
+        if key not in done:
+            run_name = f"{name}-{key}"
+            log = root / f"{run_name}.log"
+            with open(log, "w") as f:
+                rc = subprocess.run([sys.executable, "-m", "latentforge.launch.cli", "train", "--preset", "tiny",
+                                     *base, f"run_name={run_name}", f"nproc={nproc}", "tracking.enabled=false",
+                                     *overrides], stdout=f, stderr=subprocess.STDOUT).returncode
+            assert rc == 0, f"run {run_name} failed with exit code {rc}:\n{log.read_text()[-4000:]}"
+            done[key] = (root / run_name, log.read_text())
+        return done[key]
+
+    return run
