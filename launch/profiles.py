@@ -18,6 +18,8 @@ mem_gb: 0                  # 0 = the partition's default
 time_min: 240              # wall-time limit
 signal_delay_s: 90         # USR2 this long before the limit: time to checkpoint
 max_num_timeout: 20        # requeues after a timeout/preemption before giving up
+array_tasks: 64            # precompute job arrays: tasks (groups of raw shards); 0 = one per shard
+array_parallelism: 16      # precompute job arrays: tasks running at once; 0 = no limit
 setup:                     # shell lines run in the job script before the tasks start
   - module load cuda/12.4
 env:                       # exported for every task
@@ -69,6 +71,8 @@ class Profile:
     time_min: int = 60  # wall-time limit in minutes
     signal_delay_s: int = 90  # SLURM sends USR2 this long before the limit, to checkpoint
     max_num_timeout: int = 3  # requeues after timeout or preemption before the job is failed
+    array_tasks: int = 0  # precompute job arrays: tasks (groups of raw shards); 0 = one per raw shard
+    array_parallelism: int = 0  # precompute job arrays: tasks running at once; 0 = no limit
     setup: tuple[str, ...] = ()  # shell lines run before the tasks (module loads, venv activation)
     env: dict[str, str] = field(default_factory=dict)  # variables exported for every task
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch options, verbatim
@@ -117,12 +121,26 @@ class Profile:
         """Keyword arguments for the `submitit.AutoExecutor` constructor (besides folder)."""
         return {"cluster": self.executor, f"{self.executor}_max_num_timeout": self.max_num_timeout}
 
-    def make_executor(self, folder: str | os.PathLike) -> Any:
-        """A submitit executor for this profile, writing its files under `folder`."""
+    def precompute_executor_params(self) -> dict[str, Any]:
+        """`executor_params()` for one task of a precompute job array: one process on one
+        node with at most one GPU (an encoder pass does not span GPUs), and without
+        `exclusive` (a whole 8-GPU node per array task would waste seven)."""
+        one = dataclasses.replace(self, nodes=1, tasks_per_node=1, gpus_per_node=min(self.gpus_per_node, 1),
+                                  additional_parameters={k: v for k, v in self.additional_parameters.items()
+                                                         if k != "exclusive"})
+        p = one.executor_params()
+        if self.executor == "slurm" and self.array_parallelism:
+            p["slurm_array_parallelism"] = self.array_parallelism
+        return p
+
+    def make_executor(self, folder: str | os.PathLike, kind: str = "train") -> Any:
+        """A submitit executor for this profile, writing its files under `folder`.
+        `kind="precompute"` sizes it for job-array tasks (`precompute_executor_params`)."""
         import submitit  # late: only the submitting process needs it
 
         ex = submitit.AutoExecutor(folder=folder, **self.executor_init_params())
-        ex.update_parameters(**self.executor_params())
+        ex.update_parameters(**(self.precompute_executor_params() if kind == "precompute"
+                                else self.executor_params()))
         return ex
 
 
@@ -186,7 +204,8 @@ def validate(p: Profile, where: str = "profile") -> Profile:
     for name in ("nodes", "time_min"):
         if getattr(p, name) < 1:
             raise ProfileError(f"{where}: {name}: must be >= 1, got {getattr(p, name)}")
-    for name in ("gpus_per_node", "tasks_per_node", "max_num_timeout", "signal_delay_s"):
+    for name in ("gpus_per_node", "tasks_per_node", "max_num_timeout", "signal_delay_s", "array_tasks",
+                 "array_parallelism"):
         if getattr(p, name) < 0:
             raise ProfileError(f"{where}: {name}: must be >= 0, got {getattr(p, name)}")
     if p.cpus_per_task < 1:

@@ -1,0 +1,321 @@
+"""`latentforge submit` on the real one-node SLURM cluster (slurm/local/cluster.sh):
+
+- a 2-task training job finishes with a checkpoint and an MLflow run;
+- a job whose time limit is shorter than its training gets SLURM's pre-timeout USR2, every
+  rank checkpoints, it requeues itself and resumes; later it is cancelled (scancel) in the
+  middle of a step, resubmitted with the same command, resumes again, and ends bitwise
+  identical to the uninterrupted run, in one MLflow run;
+- a precompute job array over 4 raw shards writes the same bytes as a local precompute, and a
+  task whose output went missing is resubmitted alone.
+
+Runs are shared between assertions through module fixtures, and the interrupted run is one
+job history (time-limit requeue, then cancel, then resubmission) so that the suite pays for
+three start-ups instead of five.
+
+The pre-timeout signal. slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends
+`--signal=USR2@W` at the first check where the job has at most W + 30 s left, so with a
+2-minute limit and W = 90 s the signal arrives at the first check after the job starts:
+anywhere in its first 30 s. A tiny CPU run can be over by then on an idle machine. So the
+test learns when those checks happen (a probe job that reports its own pre-timeout signal,
+run while the reference trains) and submits the job 7 s before one: the signal then lands
+while the ranks are loading, whatever the machine's speed, and the loop stops after its
+first step. After the requeue the test gives the job a 10-minute limit (`scontrol update`)
+so that the requeued attempt runs on instead of being stopped again at its first check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from latentforge.launch import submit
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS = 40  # optimizer steps of the reference and of the interrupted run
+_SUBMITTED: list[str] = []  # job ids this module submitted (cancelled at the end if still there)
+SIGNAL_LEAD_S = 7.0  # submit this long before a time-limit check: the USR2 lands while the ranks load
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _poll(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
+    """Poll `cond` until it returns something truthy (SLURM and the job's files give us no
+    event to wait on); fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)  # polling interval
+
+
+def _sacct(cluster: SlurmCluster, job_id: str) -> list[tuple[str, str]]:
+    """(JobID, State) of every attempt of a job, oldest first (-D lists requeued attempts)."""
+    out = cluster.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], check=False).stdout
+    return [(ln.split("|")[0], ln.split("|")[1].split()[0]) for ln in out.splitlines() if "|" in ln]
+
+
+def _log(run_dir: Path, job_id: str, rank: int = 0, ext: str = "out") -> str:
+    p = run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.{ext}"
+    return p.read_text() if p.exists() else ""
+
+
+def _mlflow_runs(root: Path, name: str) -> tuple[Any, list[Any]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("latentforge")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
+
+
+def _write_profile(path: Path, **changes: Any) -> Path:
+    """slurm/profiles/local.yaml with some fields changed."""
+    import yaml
+
+    from latentforge.launch.profiles import PROFILES_DIR
+
+    data = yaml.safe_load((PROFILES_DIR / "local.yaml").read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures.
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """The cluster, with SLURM_CONF exported for this module's submitit calls, a clean rank
+    environment (pytest itself may run under SLURM or torchrun: its variables would leak
+    into the jobs through sbatch), and every job this module submitted cancelled at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in list(os.environ):
+            if k.startswith(("SLURM_", "SUBMITIT_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+                mp.delenv(k)
+        for k, v in slurm_cluster.env.items():
+            mp.setenv(k, v)
+        mp.chdir(tmp_path_factory.mktemp("slurm_jobs_cwd"))
+        yield slurm_cluster
+        # A failed test must not leave jobs on the shared cluster (other engineers' jobs run there too).
+        if _SUBMITTED:
+            slurm_cluster.run(["scancel", *sorted({j.split("_")[0] for j in _SUBMITTED})], check=False)
+
+
+@pytest.fixture(scope="module")
+def tick_probe(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Callable[[], float]:
+    """Submit a probe now; the returned function gives the wall-clock time of one of
+    slurmctld's time-limit checks (when the probe got its pre-timeout USR2)."""
+    d = tmp_path_factory.mktemp("tick")
+    out = d / "tick.txt"
+    script = d / "probe.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --job-name=lf-tick-probe\n#SBATCH --time=1\n#SBATCH --signal=USR2@30\n"
+        f"#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=1\n#SBATCH --output={d}/probe-%j.log\n"
+        # 1-minute limit, USR2 30 s before: due at once, so sent at the first check after the start.
+        f"srun bash -c 'trap \"date +%s.%N > {out}.tmp; mv {out}.tmp {out}; exit 0\" USR2; "
+        "while true; do sleep 0.1; done'\n")
+    _SUBMITTED.append(cluster.run(["sbatch", "--parsable", str(script)], cwd=d).stdout.strip().split(";")[0])
+    return lambda: float(_poll("the probe's pre-timeout signal", lambda: out.exists() and out.read_text(), 120))
+
+
+@pytest.fixture(scope="module")
+def ref_run(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]], tick_probe: Callable[[], float]) -> dict:
+    """The uninterrupted 2-task run (while the probe waits for its signal)."""
+    root, overrides = tiny_data
+    t0 = time.monotonic()
+    sub = submit.submit_jobs("train", "local", "tiny", None, [*overrides, "run_name=ref", f"train.max_steps={STEPS}"])
+    _SUBMITTED.append(sub.jobs[0].job_id)
+    lines: list[str] = []
+    code = submit.wait_for(sub, poll_s=1.0, timeout_s=600, out=lines.append)
+    assert code == 0, "\n".join(lines) + _log(sub.run_dir, sub.jobs[0].job_id, ext="err")[-3000:]
+    print(f"[test] reference run: {time.monotonic() - t0:.0f} s")
+    return {"root": root, "sub": sub, "run_dir": sub.run_dir, "job_id": sub.jobs[0].job_id}
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]], tick_probe: Callable[[], float],
+                ref_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One job history: time-limit requeue, then scancel mid-run, then resubmission."""
+    root, overrides = tiny_data
+    ov = [*overrides, "run_name=interrupted", f"train.max_steps={STEPS}"]
+    # 2-minute limit, USR2 90 s before it: due at once, sent at the first time-limit check.
+    profile = _write_profile(tmp_path_factory.mktemp("profiles") / "short.yaml", time_min=2, signal_delay_s=90)
+    t0 = time.monotonic()
+
+    # 1. Submit 7 s before a time-limit check.
+    tick = tick_probe()
+    now = time.time()
+    target = tick + 30 * math.ceil((now + SIGNAL_LEAD_S + 2 - tick) / 30)
+    time.sleep(max(0.0, target - SIGNAL_LEAD_S - time.time()))  # aligning to slurmctld's 30 s check, not a race
+    sub_a = submit.submit_jobs("train", str(profile), "tiny", None, ov)
+    job_a = sub_a.jobs[0].job_id
+    _SUBMITTED.append(job_a)
+    run_dir = sub_a.run_dir
+
+    # 2. SLURM signals it; every rank saves; rank 0 requeues. Then a longer limit for the rest.
+    def requeued() -> bool:
+        attempts = _sacct(cluster, job_a)
+        if attempts and attempts[-1][1] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
+            pytest.fail(f"job {job_a} ended {attempts[-1][1]} without a time-limit requeue (check at {target:.1f}, "
+                        f"submitted {target - SIGNAL_LEAD_S:.1f}):\n{_log(run_dir, job_a)[-3000:]}"
+                        f"{_log(run_dir, job_a, ext='err')[-3000:]}")
+        return "requeueing job" in _log(run_dir, job_a)
+
+    _poll(f"job {job_a} to requeue itself", requeued, timeout=240)
+    cluster.run(["scontrol", "update", f"JobId={job_a}", "TimeLimit=10"])
+
+    # 3. When the requeued attempt is training, cancel it (SIGTERM: save, no self-requeue).
+    def training_again() -> bool:
+        text = _log(run_dir, job_a)
+        return "restart 1" in text and "[train] step " in text.split("restart 1", 1)[1]
+
+    _poll(f"the requeued job {job_a} to train", training_again, timeout=240)
+    cluster.run(["scancel", job_a])
+    _poll(f"job {job_a} to be CANCELLED", lambda: (_sacct(cluster, job_a) or [("", "")])[-1][1] == "CANCELLED", 60)
+
+    # 4. Resubmit the same training (with the ordinary profile); it resumes and finishes.
+    sub_b = submit.submit_jobs("train", "local", "tiny", None, ov)
+    _SUBMITTED.append(sub_b.jobs[0].job_id)
+    lines: list[str] = []
+    code = submit.wait_for(sub_b, poll_s=1.0, timeout_s=600, out=lines.append)
+    job_b = sub_b.jobs[0].job_id
+    assert code == 0, "\n".join(lines) + _log(run_dir, job_b, ext="err")[-3000:]
+    print(f"[test] interrupted run (requeue + cancel + resubmit): {time.monotonic() - t0:.0f} s")
+    return {"root": root, "run_dir": run_dir, "job_a": job_a, "job_b": job_b, "sub_b": sub_b}
+
+
+# ---------------------------------------------------------------------------------------
+# Scenarios.
+
+
+def test_two_task_job_finishes_with_checkpoint_and_mlflow_run(ref_run: dict, cluster: SlurmCluster) -> None:
+    run_dir, job_id = ref_run["run_dir"], ref_run["job_id"]
+    results = ref_run["sub"].jobs[0].results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {(r["step"], r["preempted"]) for r in results} == {(STEPS, False)}
+    assert cluster.wait_job(job_id, timeout=60) == "COMPLETED"
+    from latentforge.training import checkpoint
+
+    tag = checkpoint.latest_tag(run_dir)
+    assert tag == f"step_{STEPS:08d}" and checkpoint.meta(run_dir, tag)["world_size"] == 2
+    assert {p.name for p in (run_dir / "checkpoints" / tag).glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
+    client, runs = _mlflow_runs(ref_run["root"], "ref")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert results[0]["mlflow_run_id"] == run.info.run_id
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(5, STEPS + 1, 5))
+    assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_ids"] == job_id
+    # The rank discovery of both tasks: submitit under SLURM, master = the node, port from the job id.
+    from latentforge.launch.env import port_for_job
+
+    for rank in (0, 1):
+        assert f"[job] train rank {rank}/2 (submitit-slurm, master {cluster.node}:{port_for_job(job_id)})" in \
+            _log(run_dir, job_id, rank)
+    text = submit.status(run_dir)
+    assert re.search(rf"{job_id}\s+train\s+COMPLETED", text), text
+    assert f"step {STEPS} (checkpoint {tag}" in text and f"run {run.info.run_id} (FINISHED)" in text
+    assert f"last progress line: [train] step {STEPS}/{STEPS}" in text
+
+
+def test_time_limit_requeues_after_every_rank_checkpointed(interrupted: dict, cluster: SlurmCluster) -> None:
+    run_dir, job_a = interrupted["run_dir"], interrupted["job_a"]
+    attempts = _sacct(cluster, job_a)
+    assert [s for _, s in attempts] == ["REQUEUED", "CANCELLED"], attempts
+    log0, log1 = _log(run_dir, job_a, 0), _log(run_dir, job_a, 1)
+    # SLURM's pre-timeout USR2 (submitit counts it as a timeout: limit <= 10 min), every rank saved.
+    m = re.search(r"\[job\] timed out: checkpointed at step (\d+); requeueing job \d+ \(2 timeout\(s\) left\)", log0)
+    assert m, log0[-3000:]
+    k = int(m.group(1))
+    assert f"[train] stop signal 12: checkpointed at step {k}, exiting for requeue" in log0
+    assert f"[job] rank 1: checkpointed at step {k}; rank 0 decides the requeue" in log1
+    # The requeued attempt (same job id, restart 1) resumed from that checkpoint.
+    second = log0.split("restart 1", 1)[1]
+    assert f"resuming from step {k}" in second.splitlines()[0]
+    assert f"[train] resumed from {run_dir / 'checkpoints' / f'step_{k:08d}'} at step {k}" in second
+
+
+def test_cancelled_job_resubmitted_resumes_in_the_same_mlflow_run(interrupted: dict, cluster: SlurmCluster) -> None:
+    run_dir, job_a, job_b = interrupted["run_dir"], interrupted["job_a"], interrupted["job_b"]
+    log_a = _log(run_dir, job_a)
+    # scancel sends SIGTERM: every rank saved at a step boundary, and the job did not requeue itself.
+    m = re.findall(r"\[train\] stop signal 15: checkpointed at step (\d+)", log_a)
+    assert m, log_a[-3000:]
+    j = int(m[-1])
+    assert "so the job does not requeue itself" in _log(run_dir, job_a, ext="err")  # rank 0 says why
+    log_b = _log(run_dir, job_b)
+    assert f"[train] resumed from {run_dir / 'checkpoints' / f'step_{j:08d}'} at step {j}" in log_b
+    assert f"[train] step {STEPS}/{STEPS}" in log_b
+    # One MLflow run across three attempts and two jobs: reopened by id, never created anew.
+    client, runs = _mlflow_runs(interrupted["root"], "interrupted")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.tags["slurm_job_ids"].split(",") == [job_a, job_b]
+    results = interrupted["sub_b"].jobs[0].results()
+    assert {r["mlflow_run_id"] for r in results if r["rank"] == 0} == {run.info.run_id}
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps[0] == 5 and steps[-1] == STEPS and len(steps) == STEPS // 5
+
+
+def test_interrupted_run_ends_bitwise_identical_to_the_uninterrupted_one(interrupted: dict, ref_run: dict) -> None:
+    import torch
+
+    from latentforge.training.checkpoint import consolidated_weights
+
+    w_ref, c_ref = consolidated_weights(ref_run["run_dir"])
+    w_int, c_int = consolidated_weights(interrupted["run_dir"])
+    assert c_ref["step"] == c_int["step"] == STEPS
+    assert w_ref.keys() == w_int.keys()
+    diff = [k for k in w_ref if not torch.equal(w_ref[k], w_int[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+    ema_ref, ema_int = c_ref["ema"]["shadow"], c_int["ema"]["shadow"]
+    assert all(torch.equal(ema_ref[k], ema_int[k]) for k in ema_ref)
+    assert c_ref["samples_seen"] == c_int["samples_seen"]
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_precompute_array_matches_local_precompute(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]],
+                                                   tmp_path: Path) -> None:
+    root, overrides = tiny_data
+    latent = tmp_path / "latents"
+    # 4 raw shards in 2 array tasks of 2 shards; no decoding workers (1 CPU per task).
+    ov = [*overrides, f"data.latent_dir={latent}", "data.precompute_workers=0"]
+    sub = submit.submit_jobs("precompute", "local", "tiny", None, ov, num_tasks=2)
+    _SUBMITTED.extend(j.job_id for j in sub.jobs)
+    assert [j.job_id for j in sub.jobs] == [f"{sub.records[0]['job_id']}_{i}" for i in (0, 1)]
+    lines: list[str] = []
+    assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
+    local = _tree(root / "latents")
+    assert len([k for k in local if k.endswith(".tar")]) == 4
+    assert _tree(latent) == local  # parts, per-shard and dataset manifests, null text: byte for byte
+    text = submit.status(root / "precompute_jobs")
+    assert "raw shards done: 4/4; tasks finished: 2/2" in text and "dataset manifest: assembled" in text
+
+    # Task 1's output goes missing (as after a failed task): only task 1 is resubmitted.
+    for name in ("00002", "00003"):
+        for p in (latent / "shards").glob(f"{name}*"):
+            p.unlink()
+    (latent / "manifest.json").unlink()
+    assert "unfinished tasks: 1" in submit.status(root / "precompute_jobs")
+    sub = submit.submit_jobs("precompute", "local", "tiny", None, ov, resubmit_failed=True)
+    _SUBMITTED.extend(j.job_id for j in sub.jobs)
+    assert sub.records[0]["task_indices"] == [1] and len(sub.jobs) == 1
+    assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
+    assert _tree(latent) == local
+    assert "[precompute] dataset: 256 written" in sub.jobs[0].stdout()  # the last task assembled it
