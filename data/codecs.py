@@ -255,11 +255,13 @@ class VAECodec(ImageCodec):
     `scale` / `shift` of 0 mean "the VAE's own" (`scaling_factor` / `shift_factor`, None -> 0):
     0.18215 for the SD-1/2 VAE. `slicing=True` encodes/decodes one image at a time
     (diffusers' `enable_slicing`), trading speed for peak memory. Tiling is not offered:
-    it changes the numbers at tile seams.
+    it changes the numbers at tile seams. `channels_last=True` keeps weights and
+    activations NHWC, the layout oneDNN (CPU) and tensor-core (CUDA) convolutions run
+    fastest in (~1.6x for the SD VAE encoder on a Xeon); fp32 results move at ~1e-6.
     """
 
     def __init__(self, path: str, dtype: str = "fp32", scale: float = 0.0, shift: float = 0.0,
-                 device: torch.device | str = "cpu", slicing: bool = False) -> None:
+                 device: torch.device | str = "cpu", slicing: bool = False, channels_last: bool = False) -> None:
         from diffusers import AutoencoderKL
 
         self.dtype_name = resolve_dtype_name(dtype, device, "codec.dtype")
@@ -280,6 +282,9 @@ class VAECodec(ImageCodec):
         vae = AutoencoderKL.from_pretrained(str(self.dir), local_files_only=True, torch_dtype=self.dtype,
                                             low_cpu_mem_usage=low_mem)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.channels_last = channels_last
+        if channels_last:
+            self.vae = self.vae.to(memory_format=torch.channels_last)
         if slicing:
             self.vae.enable_slicing()
         self.slicing = slicing
@@ -297,6 +302,8 @@ class VAECodec(ImageCodec):
         self._check_images(images)
         with torch.inference_mode():
             x = images.to(self.device, self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             post = self.vae.encode(x).latent_dist  # DiagonalGaussianDistribution
             mean = post.mean.float()  # (N, C, H/d, W/d)
             # std from the (clamped) log-variance in fp32 rather than exp() in bf16: same value

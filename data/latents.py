@@ -233,19 +233,23 @@ class PartIndex:
         self.fields[-1][ext] = (offset, size)
 
     def _index(self) -> None:
-        mv, n = memoryview(self.buf), len(self.buf)
-        blocks = self.buf[:n - n % _BLOCK].reshape(-1, _BLOCK)
-        zero = bytes(_BLOCK)
+        buf, n = self.buf, len(self.buf)
+        mv = memoryview(buf)
         pos, pax_name, headers = 0, None, []
         while True:
             if pos + _BLOCK > n:
                 raise CorruptPart(f"{self.path}: ends at byte {n} without an end-of-archive marker (truncated?)")
-            hdr = mv[pos:pos + _BLOCK].tobytes()
-            if hdr == zero:
-                break  # end-of-archive marker
-            headers.append(pos // _BLOCK)
-            size = _octal(hdr[124:136])
-            kind = hdr[156:157]
+            # Only the fields we use are sliced out: name (0:100), size (124:136), type (156),
+            # magic (257:262), prefix (345:500). A member's name never starts with NUL, so
+            # a NUL there is the end-of-archive marker (checked whole below).
+            name_field = mv[pos:pos + 100].tobytes()
+            if name_field[0] == 0:
+                if any(mv[pos:pos + _BLOCK]):
+                    raise CorruptPart(f"{self.path}: a tar header without a name at byte {pos} (corrupt file)")
+                break
+            headers.append(pos)
+            size = _octal(mv[pos + 124:pos + 136].tobytes())
+            kind = mv[pos + 156:pos + 157].tobytes()
             data = pos + _BLOCK
             if data + size > n:
                 raise CorruptPart(f"{self.path}: member at byte {pos} runs past the end of the file (truncated?)")
@@ -256,9 +260,9 @@ class PartIndex:
             elif kind in (b"0", b"\0"):
                 name = pax_name
                 if name is None:
-                    name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    prefix = hdr[345:500].split(b"\0", 1)[0]
-                    if hdr[257:262] == b"ustar" and prefix:
+                    name = name_field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if mv[pos + 257:pos + 262] == b"ustar" and buf[pos + 345]:
+                        prefix = mv[pos + 345:pos + 500].tobytes().split(b"\0", 1)[0]
                         name = prefix.decode("utf-8", "surrogateescape") + "/" + name
                 self._add(name, data, size)
                 pax_name = None
@@ -269,14 +273,26 @@ class PartIndex:
                 self._index_tarfile()
                 return
             pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        # Checksums of every header, vectorised: the sum of the header's bytes with the
-        # checksum field (148:156) read as spaces.
-        h = blocks[np.asarray(headers, dtype=np.int64)].astype(np.int64)
+        self._check_checksums(np.asarray(headers, dtype=np.int64))
+
+    def _check_checksums(self, offsets: np.ndarray) -> None:
+        """Every header's checksum, vectorised: the sum of its 512 bytes with the checksum
+        field (148:156) counted as spaces must equal the octal number stored there."""
+        if not len(offsets):
+            return
+        n = len(self.buf)
+        h = self.buf[:n - n % _BLOCK].reshape(-1, _BLOCK)[offsets // _BLOCK].astype(np.int64)  # (M, 512)
         want = h.sum(axis=1) - h[:, 148:156].sum(axis=1) + 8 * 32
-        for i, row in enumerate(headers):
-            got = _octal(mv[row * _BLOCK + 148:row * _BLOCK + 156].tobytes())
-            if got != want[i]:
-                raise CorruptPart(f"{self.path}: bad tar header checksum at byte {row * _BLOCK} (corrupt file)")
+        field = h[:, 148:156]
+        digits = field[:, :6] - ord("0")
+        # tarfile writes "%06o\0 "; other writers may differ, so parse those rows one by one.
+        simple = ((digits >= 0) & (digits <= 7)).all(axis=1) & (field[:, 6] == 0) & (field[:, 7] == 32)
+        got = digits @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
+        for i in np.flatnonzero(~simple):
+            got[i] = _octal(self.buf[offsets[i] + 148:offsets[i] + 156].tobytes())
+        bad = np.flatnonzero(got != want)
+        if len(bad):
+            raise CorruptPart(f"{self.path}: bad tar header checksum at byte {int(offsets[bad[0]])} (corrupt file)")
 
     def _index_tarfile(self) -> None:
         with tarfile.open(self.path, "r") as tar:
@@ -366,10 +382,9 @@ def part_name(shard: str, i: int) -> str:
     return f"{shard}-{i:03d}.tar"
 
 
-def part_pattern(shard: str) -> re.Pattern[str]:
-    """Matches exactly the part files (and their temporaries) of raw shard `shard`, and
-    never those of another shard whose name merely starts the same ("a" vs "a-000")."""
-    return re.compile(rf"^\.?{re.escape(shard)}-\d{{3,}}\.tar(?:\.tmp-\d+)?$")
+# A part file or its temporary: "[.]SHARD-NNN.tar[.tmp-PID]" -> SHARD. The shard name is
+# everything before the last "-NNN", so "a-000-001.tar" belongs to shard "a-000", not "a".
+PART_FILE_RE = re.compile(r"^\.?(.+)-\d{3,}\.tar(?:\.tmp-\d+)?$")
 
 
 def load_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:

@@ -19,13 +19,22 @@ that deal). Batches prefetched by workers are not counted. On resume with the sa
 layout the streams continue exactly where they were (bitwise). With a different layout
 the unread parts of every segment are dealt again, in epoch order, to the new streams,
 so every remaining sample is still seen exactly once.
+
+Reading (per DataLoader worker, one stream each): a part is read with one `readinto` and
+indexed by walking its tar headers (`latents.PartIndex`); samples are fp16 views into that
+buffer. A batch is filled in place: latents finalised in f32 (mean + std * eps, eps seeded
+by (seed, epoch, part, index)), text and pooled copied as stored (fp16). Batch tensors of
+a worker live in shared memory from the start, so handing them to the main process copies
+nothing; on CUDA the DataLoader pins them for an asynchronous copy to the GPU.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -34,6 +43,12 @@ import numpy as np
 import torch
 
 from latentforge.data import latents as lat
+
+
+# Text embeddings leave the loader as stored: fp16. The model casts them to its compute
+# dtype (on the device), so converting here would only double the bytes moved between
+# processes and to the GPU. Latents are finalised (mean + std * eps) in f32.
+TEXT_DTYPE = torch.float16
 
 
 class Segment(NamedTuple):
@@ -210,23 +225,46 @@ class Finalize:
 
 
 def _eps_generator(seed: int, epoch: int, part: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch, part, index, 0xE95]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    """The generator of one sample's eps: seeded by a hash of (seed, epoch, part, index)."""
+    key = struct.pack("<4q", seed, epoch, part, index)
+    h = hashlib.blake2b(key, digest_size=8, person=b"latentforge-eps").digest()  # ~1 us; SeedSequence ~10
+    return torch.Generator().manual_seed(int.from_bytes(h, "little"))
+
+
+def finalize_batch(means: list[np.ndarray], stds: list[np.ndarray | None], fin: Finalize, epoch: int,
+                   keys: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+    """Training latents from stored posteriors (fp16, (C, h, w) each), into out[:n] (f32):
+    z = mean + std * eps, then (z - shift) * scale; keys[i] = (part, index in the tar).
+
+    eps of a sample depends only on (seed, epoch, part, index), not on the layout or the
+    batch it lands in, so a re-dealt sample keeps it. The arithmetic runs once for the
+    batch; per element it is the same two roundings (std * eps, then + mean) as one
+    sample at a time, so results do not depend on the batching.
+    """
+    n = len(means)
+    z = torch.from_numpy(np.stack(means)).float()  # (n, C, h, w)
+    have = [s is not None for s in stds]
+    if any(have):
+        eps = torch.zeros_like(z)  # a sample without std (a deterministic codec) gets z = mean + 0
+        for i, (part, index) in enumerate(keys):
+            if have[i]:
+                torch.randn(z.shape[1:], generator=_eps_generator(fin.seed, epoch, part, index), out=eps[i])
+        if all(have):
+            std = torch.from_numpy(np.stack(stds)).float()  # (n, C, h, w)
+        else:
+            std = torch.stack([torch.from_numpy(s).float() if s is not None else torch.zeros(z.shape[1:])
+                               for s in stds])
+        z = z.add_(std.mul_(eps))
+    if fin.shift:
+        z = z.sub_(fin.shift)
+    return torch.mul(z, fin.scale, out=out[:n])
 
 
 def finalize(rec_mean: np.ndarray, rec_std: np.ndarray | None, fin: Finalize, epoch: int, part: int,
-             index: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One training latent (C, h, w) f32 from a stored posterior (fp16):
-    z = mean + std * eps, then (z - shift) * scale, written into `out` if given.
-    eps depends only on (seed, epoch, part, index in the tar), not on the layout, so a
-    re-dealt sample keeps it."""
-    z = torch.from_numpy(rec_mean).float()  # (C, h, w)
-    if rec_std is not None:
-        eps = torch.randn(z.shape, generator=_eps_generator(fin.seed, epoch, part, index))
-        z = z.add_(torch.from_numpy(rec_std).float().mul_(eps))
-    if fin.shift:
-        z = z.sub_(fin.shift)
-    return torch.mul(z, fin.scale, out=out) if out is not None else z.mul_(fin.scale)
+             index: int) -> torch.Tensor:
+    """One training latent (C, h, w) f32: `finalize_batch` for a single sample."""
+    out = torch.empty(1, *rec_mean.shape)
+    return finalize_batch([rec_mean], [rec_std], fin, epoch, [(part, index)], out)[0]
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
@@ -238,7 +276,8 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         plan.streams[stream]      segments (part, start, end), in deal order
         PartIndex(file)           the part in memory, one read; fields located, not decoded
         sample_order              positions -> indices in the tar, this epoch's permutation
-        _collate                  B samples: fp16 views -> f32 batch tensors, latents finalized
+        _collate                  B samples -> batch tensors: latents finalised in f32, text and
+                                  pooled copied as stored (fp16)
     """
 
     def __init__(self, latent_dir: Path, files: list[str], plan: Plan, rank: int, start_batch: list[int],
@@ -288,22 +327,26 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield self._collate(stream, j, buf)
 
     def _collate(self, stream: int, j: int, buf: list[tuple[int, int, lat.PartIndex]]) -> dict[str, Any]:
-        B = self.plan.layout.micro_batch
-        batch = _batch_buffers(B, len(buf), self.shapes)
+        B, n = self.plan.layout.micro_batch, len(buf)
+        batch = _batch_buffers(B, n, self.shapes)
         want = (tuple(self.shapes["latent"]), tuple(self.shapes["text"]), tuple(self.shapes["pooled"]))
+        means, stds, text_len = [], [], []
         for i, (part, idx, data) in enumerate(buf):
             mean, text, pooled = data.array(idx, "mean"), data.array(idx, "text"), data.array(idx, "pooled")
-            std = data.array(idx, "std") if data.has(idx, "std.npy") else None
             if (mean.shape, text.shape, pooled.shape) != want:
                 raise lat.CorruptPart(f"{data.path}: sample {data.keys[idx]} has shapes {mean.shape}, {text.shape}, "
                                       f"{pooled.shape}; the manifest says {want}")
-            finalize(mean, std, self.fin, self.epoch, part, idx, out=batch["latents"][i])  # (C, h, w)
-            batch["text"][i].copy_(torch.from_numpy(text))  # fp16 -> f32 in the copy, (L, D)
+            means.append(mean)  # (C, h, w) fp16 views into the part's buffer
+            stds.append(data.array(idx, "std") if data.has(idx, "std.npy") else None)
+            batch["text"][i].copy_(torch.from_numpy(text))  # (L, D) fp16, a plain copy
             batch["pooled"][i].copy_(torch.from_numpy(pooled))  # (P,)
-            batch["text_len"][i] = int(data.meta(idx).get("text_len", 0))
-            batch["mask"][i] = 1.0
-            batch["part"][i] = part
-            batch["index"][i] = idx
+            text_len.append(int(data.meta(idx).get("text_len", 0)))
+        keys = [(part, idx) for part, idx, _ in buf]
+        finalize_batch(means, stds, self.fin, self.epoch, keys, out=batch["latents"])  # (n, C, h, w)
+        batch["text_len"][:n] = torch.tensor(text_len)
+        batch["mask"][:n] = 1.0
+        batch["part"][:n] = torch.tensor([k[0] for k in keys])
+        batch["index"][:n] = torch.tensor([k[1] for k in keys])
         batch["stream"] = stream
         batch["batch_index"] = j
         return batch
@@ -313,8 +356,8 @@ def empty_batch(B: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     """A batch of B padding samples (mask 0). Shapes come from the manifest."""
     return {
         "latents": torch.zeros(B, *shapes["latent"]),
-        "text": torch.zeros(B, *shapes["text"]),
-        "pooled": torch.zeros(B, *shapes["pooled"]),
+        "text": torch.zeros(B, *shapes["text"], dtype=TEXT_DTYPE),
+        "pooled": torch.zeros(B, *shapes["pooled"], dtype=TEXT_DTYPE),
         "text_len": torch.zeros(B, dtype=torch.long),
         "mask": torch.zeros(B),
         "part": torch.full((B,), -1, dtype=torch.long),
@@ -327,25 +370,36 @@ def empty_batch(B: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
 def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     """Uninitialised batch tensors for n real samples, padding rows n..B-1 zeroed.
 
-    In a DataLoader worker the big ones are allocated in shared memory, as DataLoader's own
-    default_collate does (`_typed_storage()._new_shared`): sending a tensor to the main
-    process then costs no copy, where a private tensor would be copied into shared memory.
+    In a DataLoader worker every tensor is allocated in shared memory, as DataLoader's own
+    default_collate does (`_typed_storage()._new_shared`): sending it to the main process
+    then costs no copy, where a private tensor would be copied into a new segment. Fresh
+    shared memory still costs a page fault per 4 KiB, written here and read there (about
+    1 ms per MB on a busy VM): the reason text stays fp16 (TEXT_DTYPE).
     """
     in_worker = torch.utils.data.get_worker_info() is not None
 
-    def alloc(*shape: int) -> torch.Tensor:
+    def alloc(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not in_worker:
-            return torch.empty(shape)
-        proto = torch.empty(0)
+            return torch.empty(shape, dtype=dtype)
+        proto = torch.empty(0, dtype=dtype)
         storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
         return proto.new(storage).resize_(*shape)
 
-    batch = empty_batch(B, {"latent": [0], "text": [0], "pooled": [0]})
-    batch["latents"] = alloc(B, *shapes["latent"])
-    batch["text"] = alloc(B, *shapes["text"])
-    batch["pooled"] = alloc(B, *shapes["pooled"])
-    for k in ("latents", "text", "pooled"):
-        batch[k][n:] = 0.0
+    batch: dict[str, Any] = {
+        "latents": alloc(B, *shapes["latent"]),
+        "text": alloc(B, *shapes["text"], dtype=TEXT_DTYPE),
+        "pooled": alloc(B, *shapes["pooled"], dtype=TEXT_DTYPE),
+        "text_len": alloc(B, dtype=torch.long),
+        "mask": alloc(B),
+        "part": alloc(B, dtype=torch.long),
+        "index": alloc(B, dtype=torch.long),
+        "stream": -1,
+        "batch_index": -1,
+    }
+    for k in ("latents", "text", "pooled", "text_len", "mask"):
+        batch[k][n:] = 0
+    batch["part"][n:] = -1
+    batch["index"][n:] = -1
     return batch
 
 
@@ -357,10 +411,21 @@ def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict
     return (parts[:len(parts) - n], parts[len(parts) - n:]) if n else (parts, [])
 
 
+def _leave_sigterm_to_the_rank(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. SLURM (scancel, preemption) sends it to every process
+    of a job step; torch's own worker handler would die on it, and the rank would then fail
+    with "DataLoader worker exited unexpectedly" instead of checkpointing (DESIGN.md,
+    guarantee 4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a
+    timeout, and a worker exits by itself when its rank is gone."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LatentLoader:
     """Infinite iterator of micro-batches for this rank, crossing epochs.
 
-    Every batch is a dict: latents (B, C, h, w) f32, text (B, L, D) f32, pooled (B, P) f32,
+    Every batch is a dict: latents (B, C, h, w) f32, text (B, L, D) fp16, pooled (B, P) fp16,
     text_len (B,), mask (B,) 1 for real samples, part/index (B,) of each sample (-1 = pad).
     """
 
@@ -422,7 +487,8 @@ class LatentLoader:
             # Pinned host memory makes the trainer's .to(device) an async DMA on CUDA.
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                              prefetch_factor=self.prefetch_factor if nw else None,
-                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                             worker_init_fn=_leave_sigterm_to_the_rank if nw else None)
             source = iter(dl)
         while self._k < plan.steps:
             if self._k < len(schedule):

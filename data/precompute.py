@@ -1,35 +1,56 @@
 """Precompute: raw image-caption shards -> latent shards with manifests.
 
-    raw shards (this task's share)       expand_shards + split_for_task
-      -> samples or rejections           raw.iter_shard: decode, filter, resize + centre-crop
-      -> batches of N samples            images (N, 3, R, R) in [-1, 1], captions
-      -> posteriors + text embeddings    codec.encode, text.encode (inference mode, compute dtype)
-      -> finite check                    a sample with NaN/inf anywhere is rejected, counted
+    raw shards (this task's share)       expand_shards + split_for_task (--task-index/--num-tasks
+                                         or SLURM_ARRAY_TASK_ID); shards with a manifest skipped
+      -> decoded chunks                  data.precompute_workers DataLoader workers, each reading
+                                         one raw shard at a time with raw.iter_shard (decode, EXIF,
+                                         to RGB, filter, resize + centre-crop): per shard, chunks of
+                                         up to data.precompute_batch_size kept images (N, R, R, 3)
+                                         uint8 with their captions, plus the rejections met on the way
+      -> posteriors + text embeddings    the main process encodes each chunk as one batch:
+                                         codec.encode, text.encode (inference mode, compute dtype)
+      -> finite check                    a sample with NaN/inf anywhere (also after the cast to
+                                         fp16) is rejected as nonfinite_latent / nonfinite_text
       -> latent shard parts              NAME-000.tar, ... (tmp name, renamed when complete)
       -> per-shard manifest              NAME.json, written last: NAME is done
+      -> dataset manifest                manifest.json, assembled once every raw shard is done
 
-A re-run skips raw shards whose manifest exists, so a killed precompute redoes only
-the shard it was in. Every raw sample is either written or listed as rejected with a
-reason (DESIGN.md guarantee 1). The dataset manifest is assembled once every shard is
-done (by the single task, or by `latentforge precompute --assemble` after a job array).
+Decoding (PIL, CPU bound) overlaps encoding: workers decode the next chunks while the
+main process encodes this one. Several shards are in flight at once (one per worker);
+each has its own writer, and batches never mix shards, so a shard's bytes depend only on
+the shard (and the config), not on the number of tasks, workers, or which shards were
+done before. A re-run skips raw shards whose manifest exists and redoes the others from
+scratch (their stale parts and temporaries are removed first), so a killed precompute
+followed by a re-run writes the same bytes as a clean run.
+
+Every raw sample is either written or listed as rejected with a reason, and
+seen == written + rejected is checked for every shard before its manifest is written
+(DESIGN.md guarantee 1).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from latentforge.data import latents as lat
 from latentforge.data import raw, shards
-from latentforge.training.config import Config
+from latentforge.training.config import Config, ConfigError
+
+# Rejections made here, after decoding (raw.REASONS are made while reading).
+ENCODE_REASONS: tuple[str, ...] = (
+    "nonfinite_latent",  # NaN or inf in the codec's mean or std (or beyond fp16's range)
+    "nonfinite_text",  # NaN or inf in the text encoder's tokens or pooled embedding
+)
 
 
 @dataclass
@@ -44,7 +65,7 @@ class Encoders:
             "codec": self.codec.identity(),
             "text": self.text.identity(),
             "resolution": cfg.data.resolution,
-            "crop": "resize-shorter-side+center-crop",
+            "crop": raw.CROP_POLICY,
             "storage_dtype": "fp16",
             "min_size": cfg.data.min_size,
             "max_aspect": cfg.data.max_aspect,
@@ -52,10 +73,15 @@ class Encoders:
 
 
 def build_encoders(cfg: Config, device: torch.device | str = "cpu") -> Encoders:
-    from latentforge.data.codecs import build_codec
+    """The codec and text encoder `cfg` names, on `device`. A VAE runs channels-last (NHWC):
+    faster convolutions on CPUs and GPUs alike; the layout is no part of the identity."""
+    from latentforge.data.codecs import VAECodec, build_codec
     from latentforge.data.text import build_text_encoder
 
-    return Encoders(codec=build_codec(cfg.codec, device), text=build_text_encoder(cfg.text, device))
+    c = cfg.codec
+    codec = (VAECodec(c.path, dtype=c.dtype, scale=c.scale, shift=c.shift, device=device, channels_last=True)
+             if c.kind == "vae" else build_codec(c, device))
+    return Encoders(codec=codec, text=build_text_encoder(cfg.text, device))
 
 
 def expected_identity(cfg: Config, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -63,12 +89,26 @@ def expected_identity(cfg: Config, device: torch.device | str = "cpu") -> dict[s
 
 
 class Progress:
-    """One line every few seconds: what, samples/s, ETA."""
+    """One line every few seconds: samples done, samples/s, ETA, shards done, what is open.
 
-    def __init__(self, what: str, total: int, every_s: float = 5.0):
-        self.what, self.total, self.every_s = what, total, every_s
+    The number of raw samples is unknown until shards are read; the ETA assumes the
+    shards still to do are as large as the mean of those done (or `per_shard_hint`)."""
+
+    def __init__(self, what: str, num_shards: int, per_shard_hint: float = 0.0, every_s: float = 5.0):
+        self.what, self.num_shards, self.every_s = what, num_shards, every_s
+        self.per_shard_hint = per_shard_hint
         self.t0 = self.last = time.monotonic()
-        self.done = 0
+        self.done = 0  # raw samples seen (written or rejected)
+        self.shards_done = 0
+        self.seen_in_done_shards = 0
+
+    def shard_done(self, seen: int) -> None:
+        self.shards_done += 1
+        self.seen_in_done_shards += seen
+
+    def total_estimate(self) -> float:
+        per = self.seen_in_done_shards / self.shards_done if self.shards_done else self.per_shard_hint
+        return per * self.num_shards
 
     def update(self, n: int, note: str = "", force: bool = False) -> None:
         self.done += n
@@ -77,114 +117,184 @@ class Progress:
             return
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 and self.total else float("nan")
-        eta_s = f"{eta/60:.1f} min" if eta == eta else "?"
-        print(f"[{self.what}] {self.done}/{self.total or '?'} samples, {rate:.1f} samples/s, ETA {eta_s} {note}",
-              flush=True)
+        total = self.total_estimate()
+        eta = max(total - self.done, 0.0) / rate if rate > 0 and total else float("nan")
+        eta_s = "?" if math.isnan(eta) else f"{eta / 60:.1f} min"
+        total_s = f"~{total:.0f}" if total else "?"
+        print(f"[{self.what}] {self.done}/{total_s} samples, {rate:.1f} samples/s, ETA {eta_s}, "
+              f"shards {self.shards_done}/{self.num_shards} done {note}".rstrip(), flush=True)
 
 
-def _encode_batch(enc: Encoders, batch: list[raw.RawSample]) -> list[tuple[raw.RawSample, dict | None, str]]:
-    """Encode a batch. Returns, per sample, (sample, arrays or None, reason if rejected)."""
-    images = torch.stack([raw.to_tensor(s.image) for s in batch])  # (N, 3, R, R) in [-1, 1]
-    mean, std = enc.codec.encode(images)  # (N, C, h, w) each; std None if deterministic
-    t = enc.text.encode([s.caption for s in batch])  # tokens (N, L, D), pooled (N, P), lengths (N,)
-    out = []
-    for i, s in enumerate(batch):
-        arrays = {
-            "mean": mean[i].float().cpu().numpy(),
-            "std": None if std is None else std[i].float().cpu().numpy(),
-            "text": t.tokens[i].float().cpu().numpy(),
-            "pooled": t.pooled[i].float().cpu().numpy(),
-            "text_len": int(t.lengths[i]),
-        }
-        bad = [k for k in ("mean", "std", "text", "pooled") if arrays[k] is not None and not (
-            np.isfinite(arrays[k]).all() and np.isfinite(arrays[k].astype(np.float16)).all())]
-        if bad:
-            out.append((s, None, f"nonfinite_{'latent' if bad[0] in ('mean', 'std') else 'text'}"))
-        else:
-            out.append((s, arrays, ""))
+# ---------------------------------------------------------------------------------------
+# Decoding raw shards in worker processes.
+
+
+@dataclass
+class Chunk:
+    """What a decoding worker sends the main process: the next piece of one raw shard."""
+
+    shard: int  # index into the task's list of shards to do
+    images: torch.Tensor  # (n, R, R, 3) uint8: the kept samples, in shard order
+    samples: list[tuple[str, str, dict[str, Any]]]  # (key, caption, meta) per image
+    rejections: list[dict[str, str]]  # {"key", "reason", "detail"} met since the previous chunk
+    report: dict[str, Any] | None = None  # on the shard's last chunk: raw.ShardReport.to_dict()
+
+
+class _RawChunks(torch.utils.data.IterableDataset):
+    """Worker w reads shards w, w + W, ...: one at a time, start to end. DataLoader hands
+    the chunks over round-robin across workers; the main process sorts them by shard."""
+
+    def __init__(self, urls: list[str], rcfg: raw.RawConfig, batch: int):
+        self.urls, self.rcfg, self.batch = urls, rcfg, batch
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(w, len(self.urls), W):
+            yield from read_chunks(i, self.urls[i], self.rcfg, self.batch)
+
+
+def read_chunks(index: int, url: str, rcfg: raw.RawConfig, batch: int) -> Iterator[Chunk]:
+    """One raw shard as chunks of up to `batch` kept samples; the last one carries the report."""
+    report = raw.ShardReport(url=url)
+    kept: list[raw.RawSample] = []
+    rejections: list[dict[str, str]] = []
+
+    def chunk(final: bool) -> Chunk:
+        R = rcfg.resolution
+        images = (torch.from_numpy(np.stack([np.asarray(s.image, dtype=np.uint8) for s in kept]))
+                  if kept else torch.zeros(0, R, R, 3, dtype=torch.uint8))  # (n, R, R, 3)
+        return Chunk(index, images, [(s.key, s.caption, s.meta) for s in kept], list(rejections),
+                     report.to_dict() if final else None)
+
+    for item in raw.iter_shard(url, rcfg, report):
+        if isinstance(item, raw.Rejection):
+            rejections.append({"key": item.key, "reason": item.reason, "detail": item.detail})
+            continue
+        kept.append(item)
+        if len(kept) == batch:
+            yield chunk(final=False)
+            kept, rejections = [], []
+    yield chunk(final=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding and writing, in the main process.
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: every value of the row finite in float32 and after the cast to fp16."""
+    x = x.float().flatten(1)
+    return torch.isfinite(x).all(1) & torch.isfinite(x.half()).all(1)
+
+
+def encode_batch(enc: Encoders, images: torch.Tensor, captions: list[str]) -> dict[str, Any]:
+    """images (N, R, R, 3) uint8 -> CPU float32 mean, std (or None), tokens, pooled; lengths;
+    and the rejection reason per sample ("" = keep)."""
+    # uint8 to the device first (a quarter of the bytes of float32), then exactly raw.to_tensor's
+    # arithmetic: (N, 3, R, R) in [-1, 1].
+    x = images.to(enc.codec.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    mean, std = enc.codec.encode(x)  # (N, C, h, w) each; std None if deterministic
+    t = enc.text.encode(captions)  # tokens (N, L, D), pooled (N, P), lengths (N,)
+    out = {"mean": mean.float().cpu(), "std": None if std is None else std.float().cpu(),
+           "tokens": t.tokens.float().cpu(), "pooled": t.pooled.float().cpu(), "lengths": t.lengths.cpu()}
+    ok_latent = _finite(out["mean"]) & (_finite(out["std"]) if out["std"] is not None else True)
+    ok_text = _finite(out["tokens"]) & _finite(out["pooled"])
+    out["reason"] = ["" if a and b else ("nonfinite_latent" if not a else "nonfinite_text")
+                     for a, b in zip(ok_latent.tolist(), ok_text.tolist())]
     return out
 
 
-def process_shard(url: str, name: str, enc: Encoders, cfg: Config, out_dir: Path, identity_hash: str,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Encode one raw shard into parts under out_dir/shards and write its manifest last."""
-    shard_dir = out_dir / lat.SHARDS
-    for stale in shard_dir.glob(f".{name}-*.tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
-    rcfg = raw.RawConfig.from_data_config(cfg.data)
-    report = raw.ShardReport(url=url)
-    rejected: Counter[str] = Counter()
-    rejections: list[dict[str, str]] = []
-    parts: list[dict[str, Any]] = []
+@dataclass
+class ShardWriter:
+    """Writes one raw shard's latent parts and, when it is complete, its manifest."""
+
+    name: str
+    url: str
+    out_dir: Path
+    identity_hash: str
+    per_part: int
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, str]] = field(default_factory=list)
+    encode_rejected: Counter = field(default_factory=Counter)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    written: int = 0
     writer: lat.TarWriter | None = None
-    per_part = cfg.data.latent_samples_per_shard
-    shapes: dict[str, list[int]] = {}
-    written = 0
 
-    def flush(batch: list[raw.RawSample]) -> None:
-        nonlocal writer, written
-        for s, arrays, reason in _encode_batch(enc, batch):
-            if arrays is None:
-                rejected[reason] += 1
-                rejections.append({"key": s.key, "reason": reason, "detail": "NaN or inf in encoder output"})
+    def add(self, chunk: Chunk, enc: Encoders) -> None:
+        self.rejections.extend(chunk.rejections)
+        if not chunk.samples:
+            return
+        e = encode_batch(enc, chunk.images, [c for _, c, _ in chunk.samples])
+        for i, (key, caption, meta) in enumerate(chunk.samples):
+            if e["reason"][i]:
+                self.encode_rejected[e["reason"][i]] += 1
+                self.rejections.append({"key": key, "reason": e["reason"][i],
+                                        "detail": "NaN or inf in the encoder output (or beyond fp16's range)"})
                 continue
-            if writer is None:
-                writer = lat.TarWriter(shard_dir / f"{name}-{len(parts):03d}.tar")
-            meta = dict(s.meta, text_len=arrays["text_len"])
-            writer.write_sample(s.key, lat.encode_sample(s.key, s.caption, arrays["mean"], arrays["std"],
-                                                         arrays["text"], arrays["pooled"], meta))
-            shapes.setdefault("latent", list(arrays["mean"].shape))
-            shapes.setdefault("text", list(arrays["text"].shape))
-            shapes.setdefault("pooled", list(arrays["pooled"].shape))
-            written += 1
-            if writer.count == per_part:
-                writer.close()
-                parts.append({"file": writer.path.name, "count": writer.count})
-                writer = None
-        if progress:
-            progress.update(len(batch), note=f"({name})")
+            mean, std = e["mean"][i].numpy(), None if e["std"] is None else e["std"][i].numpy()
+            tokens, pooled = e["tokens"][i].numpy(), e["pooled"][i].numpy()
+            if self.writer is None:
+                self.writer = lat.TarWriter(self.out_dir / lat.SHARDS / lat.part_name(self.name, len(self.parts)))
+            meta = dict(meta, text_len=int(e["lengths"][i]))
+            self.writer.write_sample(key, lat.encode_sample(key, caption, mean, std, tokens, pooled, meta))
+            self.shapes = self.shapes or {"latent": list(mean.shape), "text": list(tokens.shape),
+                                          "pooled": list(pooled.shape)}
+            self.written += 1
+            if self.writer.count == self.per_part:
+                self._close_part()
 
-    batch: list[raw.RawSample] = []
-    try:
-        for item in raw.iter_shard(url, rcfg, report):
-            if isinstance(item, raw.Rejection):
-                rejections.append({"key": item.key, "reason": item.reason, "detail": item.detail})
-                continue
-            batch.append(item)
-            if len(batch) == cfg.data.precompute_batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-        if writer is not None:
-            writer.close()
-            parts.append({"file": writer.path.name, "count": writer.count})
-            writer = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    for reason, n in report.rejected.items():
-        rejected[reason] += n
-    manifest = {
-        "name": name,
-        "raw_shard": url,
-        "identity_hash": identity_hash,
-        "parts": parts,
-        "seen": report.seen,
-        "written": written,
-        "rejected": dict(sorted(rejected.items())),
-        "rejections": rejections,
-        "errors": list(report.errors),
-        "notes": list(report.notes),
-        "shapes": shapes,
-    }
-    if manifest["seen"] != manifest["written"] + sum(rejected.values()):
-        raise AssertionError(f"{url}: accounting broke: seen {report.seen} != written {written} + "
-                             f"rejected {sum(rejected.values())}")
-    lat.write_json_atomic(lat.shard_manifest_path(out_dir, name), manifest)
-    return manifest
+    def _close_part(self) -> None:
+        assert self.writer is not None
+        self.writer.close()
+        self.parts.append({"file": self.writer.path.name, "count": self.writer.count, "sha256": self.writer.sha256})
+        self.writer = None
+
+    def finish(self, report: dict[str, Any]) -> dict[str, Any]:
+        if self.writer is not None:
+            self._close_part()
+        rejected = Counter(report["rejected"]) + self.encode_rejected
+        manifest = {
+            "name": self.name,
+            "raw_shard": self.url,
+            "identity_hash": self.identity_hash,
+            "parts": self.parts,
+            "seen": report["seen"],
+            "written": self.written,
+            "rejected": dict(sorted(rejected.items())),
+            "rejections": self.rejections,
+            "errors": list(report["errors"]),
+            "notes": list(report["notes"]),
+            "shapes": self.shapes,
+        }
+        n_rej = sum(rejected.values())
+        if manifest["seen"] != self.written + n_rej or len(self.rejections) != n_rej:
+            raise AssertionError(f"{self.url}: accounting broke: seen {report['seen']} != written {self.written} + "
+                                 f"rejected {n_rej} (rejections listed: {len(self.rejections)})")
+        lat.write_json_atomic(lat.shard_manifest_path(self.out_dir, self.name), manifest)
+        return manifest
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def remove_stale_parts(shard_dir: Path, names: set[str]) -> int:
+    """Delete the parts and temporaries of the raw shards `names` (not done: no manifest),
+    left by a killed run, so a redone shard starts clean. One directory listing. Returns
+    how many files went."""
+    n = 0
+    for f in os.listdir(shard_dir):
+        m = lat.PART_FILE_RE.match(f)
+        if m and m.group(1) in names:
+            (shard_dir / f).unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _identity_collate(chunk: Chunk) -> Chunk:
+    return chunk  # DataLoader's default would walk the object looking for arrays to convert
 
 
 def _names(urls: list[str]) -> dict[str, str]:
@@ -199,7 +309,7 @@ def _names(urls: list[str]) -> dict[str, str]:
 
 
 def _ensure_dataset_identity(out_dir: Path, identity: dict[str, Any]) -> None:
-    p = out_dir / "identity.json"
+    p = out_dir / lat.IDENTITY
     if p.exists():
         old = json.loads(p.read_text())
         if old != identity:
@@ -208,10 +318,21 @@ def _ensure_dataset_identity(out_dir: Path, identity: dict[str, Any]) -> None:
         lat.write_json_atomic(p, identity)
 
 
-def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | None = None) -> dict[str, Any]:
+def _check_config(cfg: Config) -> None:
+    d = cfg.data
+    for key, value, low in (("data.precompute_batch_size", d.precompute_batch_size, 1),
+                            ("data.latent_samples_per_shard", d.latent_samples_per_shard, 1),
+                            ("data.precompute_workers", d.precompute_workers, 0)):
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | None = None,
+        encoders: Encoders | None = None) -> dict[str, Any]:
     """Precompute this task's share. Returns a summary. Assembles the dataset manifest when
-    every raw shard is done and `assemble` is not False."""
-    torch.set_grad_enabled(False)
+    every raw shard is done and `assemble` is not False. `encoders` (built from `cfg` on
+    this process's device) saves building them again, e.g. in benchmarks."""
+    _check_config(cfg)
     urls = shards.expand_shards(cfg.resolved_raw_shards)
     names = _names(urls)
     mine = shards.split_for_task(urls, task_index, num_tasks)
@@ -220,7 +341,8 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
 
     from latentforge.training import dist
 
-    enc = build_encoders(cfg, dist.device())
+    device = dist.device()
+    enc = encoders if encoders is not None else build_encoders(cfg, device)
     identity = enc.identity(cfg)
     ihash = lat.identity_hash(identity)
     _ensure_dataset_identity(out_dir, identity)
@@ -229,28 +351,60 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
         lat.save_null_text(out_dir, null.tokens[0].float().cpu().numpy(), null.pooled[0].float().cpu().numpy())
 
     todo = [u for u in mine if not lat.shard_manifest_path(out_dir, shards.shard_name(u)).exists()]
-    print(f"[precompute] task {task_index}/{num_tasks}: {len(mine)} raw shards, {len(mine) - len(todo)} already "
-          f"done, {len(todo)} to do -> {out_dir}", flush=True)
-    # The total is an estimate until shards are read: assume done shards' mean size.
-    est = cfg.synth.samples_per_shard if not cfg.data.raw_shards else 0
-    progress = Progress(f"precompute {task_index}", total=est * len(todo))
-    summary = Counter()
-    for url in todo:
-        m = process_shard(url, shards.shard_name(url), enc, cfg, out_dir, ihash, progress)
-        summary["seen"] += m["seen"]
-        summary["written"] += m["written"]
-        summary["rejected"] += m["seen"] - m["written"]
-    progress.update(0, note="done", force=True)
+    stale = remove_stale_parts(out_dir / lat.SHARDS, {shards.shard_name(u) for u in todo})
+    what = f"precompute {task_index}/{num_tasks}"
+    print(f"[{what}] {len(mine)} raw shards, {len(mine) - len(todo)} already done, {len(todo)} to do -> {out_dir} "
+          f"(codec {identity['codec']['name']} {identity['codec']['dtype']}, text {cfg.text.model} "
+          f"{identity['text']['dtype']}, {device}, {cfg.data.precompute_workers} decoding workers)"
+          + (f"; removed {stale} stale part file(s) of unfinished shards" if stale else ""), flush=True)
+    done_seen = [json.loads(lat.shard_manifest_path(out_dir, shards.shard_name(u)).read_text())["seen"]
+                 for u in mine if u not in todo]
+    hint = (sum(done_seen) / len(done_seen) if done_seen else
+            cfg.synth.samples_per_shard if not cfg.data.raw_shards else 0.0)
+    progress = Progress(what, num_shards=len(todo), per_shard_hint=hint)
+    summary: Counter[str] = Counter()
+
+    rcfg = raw.RawConfig.from_data_config(cfg.data)
+    nw = min(cfg.data.precompute_workers, len(todo))
+    loader = torch.utils.data.DataLoader(_RawChunks(todo, rcfg, cfg.data.precompute_batch_size), batch_size=None,
+                                         num_workers=nw, prefetch_factor=2 if nw else None,
+                                         collate_fn=_identity_collate)
+    open_shards: dict[int, ShardWriter] = {}
+    try:
+        with torch.inference_mode():
+            for chunk in loader:
+                w = open_shards.get(chunk.shard)
+                if w is None:
+                    url = todo[chunk.shard]
+                    w = open_shards[chunk.shard] = ShardWriter(shards.shard_name(url), url, out_dir, ihash,
+                                                               cfg.data.latent_samples_per_shard)
+                w.add(chunk, enc)
+                progress.update(len(chunk.samples) + len(chunk.rejections),
+                                note=f"(open: {', '.join(s.name for s in open_shards.values())})")
+                if chunk.report is not None:
+                    m = open_shards.pop(chunk.shard).finish(chunk.report)
+                    progress.shard_done(m["seen"])
+                    summary["seen"] += m["seen"]
+                    summary["written"] += m["written"]
+                    summary["rejected"] += m["seen"] - m["written"]
+                    err = f", shard errors: {'; '.join(m['errors'])}" if m["errors"] else ""
+                    print(f"[{what}] shard {m['name']} done: {m['written']} written, {m['seen'] - m['written']} "
+                          f"rejected of {m['seen']} seen{err}", flush=True)
+    finally:
+        for w in open_shards.values():
+            w.abort()
+    progress.update(0, note="finished", force=True)
+
     result: dict[str, Any] = {"task": task_index, "num_tasks": num_tasks, **summary}
     all_done = all(lat.shard_manifest_path(out_dir, n).exists() for n in names)
     if assemble is not False and all_done:
         manifest = lat.assemble_manifest(out_dir, identity, expected_shards=list(names))
         result["manifest"] = str(out_dir / lat.MANIFEST)
         print(f"[precompute] dataset: {manifest['written']} written, {sum(manifest['rejected'].values())} rejected "
-              f"of {manifest['seen']} seen, {len(manifest['parts'])} parts", flush=True)
+              f"of {manifest['seen']} seen, {len(manifest['parts'])} parts -> {out_dir / lat.MANIFEST}", flush=True)
     elif not all_done:
-        print(f"[precompute] task {task_index} done; the dataset manifest is assembled when every task is done "
-              f"(`latentforge precompute --assemble`)", flush=True)
+        print(f"[{what}] done; the dataset manifest is assembled by the task that finishes last "
+              f"(or `latentforge precompute --assemble`)", flush=True)
     return result
 
 
@@ -258,58 +412,112 @@ def assemble(cfg: Config) -> dict[str, Any]:
     """Assemble the dataset manifest after a job array (refuses while shards are missing)."""
     urls = shards.expand_shards(cfg.resolved_raw_shards)
     out_dir = cfg.resolved_latent_dir
-    identity = json.loads((out_dir / "identity.json").read_text())
+    p = out_dir / lat.IDENTITY
+    if not p.is_file():
+        raise lat.ShardsNotDone(f"{p} not found: no precompute task has started in {out_dir}")
+    identity = json.loads(p.read_text())
     return lat.assemble_manifest(out_dir, identity, expected_shards=list(_names(urls)))
 
 
 def verify(cfg: Config) -> list[str]:
-    """Check every raw shard has a manifest, every part exists with its stated count, and
-    seen == written + rejected. Returns a list of problems (empty = OK)."""
+    """Check every raw shard has a manifest, every part exists with its stated count and
+    sha256, seen == written + rejected, and the dataset manifest agrees. Returns a list of
+    problems (empty = OK)."""
     problems = []
     out_dir = cfg.resolved_latent_dir
-    for name, url in _names(shards.expand_shards(cfg.resolved_raw_shards)).items():
+    names = _names(shards.expand_shards(cfg.resolved_raw_shards))
+    shard_manifests = {}
+    last = t0 = time.monotonic()
+    for i, (name, url) in enumerate(names.items()):
+        if time.monotonic() - last > 10:  # reading every part back takes a while on a big dataset
+            last = time.monotonic()
+            print(f"[verify] {i}/{len(names)} raw shards checked, {i / (last - t0):.1f} shards/s, "
+                  f"{len(problems)} problem(s) so far", flush=True)
         mp = lat.shard_manifest_path(out_dir, name)
         if not mp.exists():
             problems.append(f"{name}: not precomputed ({url})")
             continue
-        m = json.loads(mp.read_text())
+        m = shard_manifests[name] = json.loads(mp.read_text())
+        before = len(problems)
         if m["seen"] != m["written"] + sum(m["rejected"].values()):
-            problems.append(f"{name}: seen {m['seen']} != written {m['written']} + rejected")
+            problems.append(f"{name}: seen {m['seen']} != written {m['written']} + rejected "
+                            f"{sum(m['rejected'].values())}")
         n = 0
         for part in m["parts"]:
             pp = out_dir / lat.SHARDS / part["file"]
             if not pp.exists():
                 problems.append(f"{name}: missing part {pp}")
                 continue
-            got = len(lat.read_raw_fields(pp))
+            if "sha256" in part and lat.sha256_path(pp) != part["sha256"]:
+                problems.append(f"{name}: {pp.name} is corrupt (sha256 differs from the manifest's)")
+                continue
+            try:
+                got = len(lat.PartIndex(pp))
+            except lat.CorruptPart as e:
+                problems.append(f"{name}: {e}")
+                continue
             n += got
             if got != part["count"]:
                 problems.append(f"{name}: {pp.name} holds {got} samples, manifest says {part['count']}")
-        if n != m["written"] and not any("missing part" in p for p in problems):
+        if n != m["written"] and len(problems) == before:  # else already explained above
             problems.append(f"{name}: parts hold {n} samples, manifest says written {m['written']}")
-    if not (out_dir / lat.MANIFEST).exists():
-        problems.append(f"dataset manifest {out_dir / lat.MANIFEST} not assembled")
+    mp = out_dir / lat.MANIFEST
+    if not mp.exists():
+        problems.append(f"dataset manifest {mp} not assembled")
+    elif len(shard_manifests) == len(names):
+        d = json.loads(mp.read_text())
+        want_parts = sorted(f"{lat.SHARDS}/{p['file']}" for m in shard_manifests.values() for p in m["parts"])
+        if sorted(p["file"] for p in d["parts"]) != want_parts or d["written"] != sum(
+                m["written"] for m in shard_manifests.values()):
+            problems.append(f"dataset manifest {mp} disagrees with the per-shard manifests; "
+                            f"re-assemble it with `latentforge precompute --assemble`")
     return problems
+
+
+def accounting(latent_dir: str | os.PathLike) -> dict[str, Any]:
+    """Raw samples seen, written and rejected (by reason), and shard-level errors and notes,
+    summed over the per-shard manifests (so it works while a job array is still running)."""
+    d = Path(latent_dir)
+    files = sorted((d / lat.SHARDS).glob("*.json")) if (d / lat.SHARDS).is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{d}: no per-shard manifests under {d / lat.SHARDS} (not a latent dataset, "
+                                f"or precompute has not finished a shard yet)")
+    ms = [json.loads(p.read_text()) for p in files]
+    reasons: Counter[str] = Counter()
+    for m in ms:
+        reasons.update(m["rejected"])
+    errors: Counter[str] = Counter(e.split(":", 1)[0] for m in ms for e in m["errors"])
+    notes: Counter[str] = Counter(n.split(":", 1)[0] for m in ms for n in m["notes"])
+    out = {
+        "raw_shards": len(ms),
+        "seen": sum(m["seen"] for m in ms),
+        "written": sum(m["written"] for m in ms),
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "shard_errors_by_reason": dict(sorted(errors.items())),
+        "shard_notes": dict(sorted(notes.items())),
+        "shard_errors": [(m["name"], e) for m in ms for e in m["errors"]],
+        "assembled": (d / lat.MANIFEST).is_file(),
+        "parts": sum(len(m["parts"]) for m in ms),
+    }
+    return out
 
 
 def inspect(latent_dir: str | os.PathLike) -> str:
     """Per-reason accounting: raw samples seen, written and rejected. Written + rejected == seen."""
+    a = accounting(latent_dir)
     d = Path(latent_dir)
-    ms = [json.loads(p.read_text()) for p in sorted((d / lat.SHARDS).glob("*.json"))]
-    if not ms:
-        raise FileNotFoundError(f"{d}: no per-shard manifests under {d / lat.SHARDS}")
-    seen = sum(m["seen"] for m in ms)
-    written = sum(m["written"] for m in ms)
-    reasons: Counter[str] = Counter()
-    for m in ms:
-        reasons.update(m["rejected"])
-    rejected = sum(reasons.values())
-    lines = [f"latent dataset {d}: {len(ms)} raw shards", f"  seen      {seen:>10}", f"  written   {written:>10}",
-             f"  rejected  {rejected:>10}"]
-    lines += [f"    {r:<22}{n:>8}" for r, n in sorted(reasons.items())]
-    errors = [(m["name"], e) for m in ms for e in m["errors"]]
-    if errors:
-        lines.append(f"  shard errors: {len(errors)}")
-        lines += [f"    {n}: {e}" for n, e in errors[:20]]
-    lines.append(f"  check: written + rejected {'==' if written + rejected == seen else '!='} seen")
+    lines = [f"latent dataset {d}: {a['raw_shards']} raw shards, {a['parts']} parts, dataset manifest "
+             f"{'assembled' if a['assembled'] else 'NOT assembled yet'}",
+             f"  seen      {a['seen']:>10}", f"  written   {a['written']:>10}", f"  rejected  {a['rejected']:>10}"]
+    lines += [f"    {r:<22}{n:>8}" for r, n in a["rejected_by_reason"].items()]
+    if a["shard_errors"]:
+        lines.append(f"  shards cut short by an error: {len(a['shard_errors'])} (their samples before the error "
+                     f"are counted above)")
+        lines += [f"    {r:<22}{n:>8}" for r, n in a["shard_errors_by_reason"].items()]
+        lines += [f"    {n}: {e}" for n, e in a["shard_errors"][:20]]
+    if a["shard_notes"]:
+        lines.append("  shard notes: " + ", ".join(f"{k} {v}" for k, v in a["shard_notes"].items()))
+    ok = a["written"] + a["rejected"] == a["seen"]
+    lines.append(f"  check: written + rejected {'==' if ok else '!='} seen")
     return "\n".join(lines)

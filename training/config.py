@@ -251,7 +251,7 @@ def sd2_base_256() -> Config:
         nproc=1,
         synth=SynthConfig(num_samples=65536, samples_per_shard=1024, image_size=256),
         data=DataConfig(resolution=256, min_size=256, max_aspect=2.0, latent_samples_per_shard=1024,
-                        precompute_batch_size=128, heldout_shards=1, num_workers=4),
+                        precompute_batch_size=128, precompute_workers=8, heldout_shards=1, num_workers=4),
         codec=CodecConfig(kind="vae", path="/path/to/sd-vae-ft-mse", scale=0.18215, dtype="bf16"),
         text=TextConfig(model="ViT-H-14", pretrained="/path/to/open_clip_vit_h_14/open_clip_pytorch_model.bin",
                         layer="penultimate", dtype="bf16"),

@@ -1,0 +1,149 @@
+"""Loader throughput: samples/s out of LatentLoader vs the raw read rate of the same files.
+
+    .venv/bin/python benchmarks/bench_loader.py [--samples 2048] [--parts 16] [--shapes sd2] [--batch 32]
+
+Writes a random latent dataset in the real format (data.latents.write_random_dataset)
+with the shapes of the sd2-base-256 preset (VAE posterior 4x32x32 mean + std, ViT-H-14
+penultimate tokens 77x1024, pooled 1024; ~180 KB a sample in fp16), then measures, on a
+warm page cache:
+
+  raw read        every part file's bytes read with one read() each: the ceiling for
+                  anything that reads these files
+  tar iteration   tarfile over every member, reading its bytes (a plain WebDataset read)
+  loader          LatentLoader, one rank, W DataLoader workers, micro-batch B, one epoch,
+                  counting from iter() (worker start-up included) to the last batch:
+                  samples come out as f32 tensors with latents finalised (mean + std*eps)
+
+Goal (issue 3): loader >= 50% of the raw read rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks._common import Report  # noqa: E402
+from latentforge.data import latents as lat  # noqa: E402
+from latentforge.data.loader import LatentLoader  # noqa: E402
+
+SHAPES = {
+    "sd2": {"latent": [4, 32, 32], "text": [77, 1024], "pooled": [1024]},  # sd2-base-256
+    "tiny": {"latent": [12, 16, 16], "text": [77, 64], "pooled": [64]},  # the tiny preset at 32 px
+}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers), user + system.
+    On a shared machine CPU time per sample is steadier than wall time."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def raw_read(files: list[Path]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) to read every file's bytes."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    n = 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            n += len(fh.read())
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def tar_iteration(files: list[Path]) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for f in files:
+        with tarfile.open(f, "r") as tar:
+            for m in tar:
+                tar.extractfile(m).read()  # type: ignore[union-attr]
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def loader_epoch(d: Path, manifest: dict, workers: int, batch: int, prefetch: int) -> tuple[float, float, int, float]:
+    """(wall seconds for one epoch, CPU seconds, real samples, seconds until the first batch)."""
+    loader = LatentLoader(d, manifest["parts"], micro_batch=batch, seed=0, rank=0, world_size=1,
+                          num_workers=workers, prefetch_factor=prefetch, scale=0.18215, shift=0.0,
+                          shapes=manifest["shapes"])
+    steps = loader.steps_remaining
+    n = 0
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    it = iter(loader)
+    first = None
+    for _ in range(steps):
+        b = next(it)
+        if first is None:
+            first = time.perf_counter() - t0
+        n += int(b["mask"].sum())
+    wall = time.perf_counter() - t0
+    del it, b  # shuts the workers down, so their CPU time is counted
+    gc.collect()
+    return wall, cpu_seconds() - c0, n, first or 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=2048)
+    ap.add_argument("--parts", type=int, default=16)
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="sd2")
+    ap.add_argument("--batch", type=int, default=32, help="micro-batch per rank")
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
+    ap.add_argument("--prefetch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N for every figure")
+    ap.add_argument("--dir", default=None, help="where to write the dataset (default: a temporary directory)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)  # the loader's work is per-sample copies; workers give the parallelism
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    d = tmp / "latents"
+    shapes = SHAPES[args.shapes]
+    per = args.samples // args.parts
+    counts = [per + (i < args.samples % args.parts) for i in range(args.parts)]
+    print(f"[bench_loader] writing {args.samples} random samples ({args.shapes} shapes) in {args.parts} parts "
+          f"to {d}", flush=True)
+    manifest = lat.write_random_dataset(d, counts, shapes, seed=0)
+    files = [d / p["file"] for p in manifest["parts"]]
+    total_bytes = sum(f.stat().st_size for f in files)
+    n = manifest["written"]
+
+    rep = Report(f"latent loader throughput ({args.shapes} shapes, {n} samples, "
+                 f"{total_bytes / n / 1024:.0f} KiB/sample, micro-batch {args.batch})")
+    raw_read(files)  # warm the page cache
+    t_raw, c_raw = min(raw_read(files) for _ in range(args.repeats))
+    raw_rate = n / t_raw
+    rep.add("raw read (bytes of the part files)", raw_rate, "samples/s")
+    rep.add("raw read bandwidth", total_bytes / t_raw / 1e6, "MB/s")
+    rep.add("raw read CPU time", c_raw / n * 1e6, "us/sample")
+    t_tar, c_tar = min(tar_iteration(files) for _ in range(args.repeats))
+    rep.add("tarfile member iteration", n / t_tar, "samples/s")
+    rep.add("tarfile member iteration CPU time", c_tar / n * 1e6, "us/sample")
+    for w in (int(x) for x in args.workers.split(",")):
+        runs = [loader_epoch(d, manifest, w, args.batch, args.prefetch) for _ in range(args.repeats)]
+        t, c, got, first = min(runs)
+        assert got == n, (got, n)
+        rep.add(f"loader, {w} workers", n / t, "samples/s")
+        rep.add(f"loader, {w} workers / raw read", n / t / raw_rate, "", fmt="{:.0%}")
+        rep.add(f"loader, {w} workers / tarfile iteration", n / t * t_tar / n, "", fmt="{:.0%}")
+        rep.add(f"loader, {w} workers, CPU time (all processes)", min(r[1] for r in runs) / n * 1e6, "us/sample")
+        rep.add(f"loader, {w} workers, first batch after", first * 1e3, "ms")
+    rep.add("load average (1 min) at the end", os.getloadavg()[0], "", fmt="{:.1f}")
+    rep.print(args.json)
+    if not args.dir:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
