@@ -14,6 +14,7 @@ Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, 
     latentforge submit KIND --profile P       the same jobs through submitit (SLURM or local)
     latentforge status RUN_DIR                job state, step, last metrics, log tail
     latentforge runs compare EXPERIMENT       compare MLflow runs
+    latentforge ckpt universal RUN_DIR        universal checkpoint: resume at another world size
     latentforge demo                          the whole pipeline on the embedded defaults
 """
 
@@ -89,10 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--profile", required=True, help="cluster profile YAML (see slurm/profiles/)")
     sb.add_argument("--target", default=None, help="eval: RUN_DIR or export to evaluate")
     sb.add_argument("--wait", action="store_true", help="block until the job finishes")
+    sb.add_argument("--num-tasks", type=int, default=None,
+                    help="precompute: array tasks, each a group of raw shards (default: profile array_tasks, "
+                         "else one per shard)")
+    sb.add_argument("--task-index", type=int, default=None, help="precompute: submit this one task alone")
+    sb.add_argument("--resubmit-failed", action="store_true",
+                    help="precompute: resubmit only the tasks of the last array whose shards are not all done")
     _add_config_args(sb)
 
     st = sub.add_parser("status", help="job state, step, last metrics and log tail of a run")
     st.add_argument("run_dir")
+
+    ck = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = ck.add_subparsers(dest="ckpt_command", required=True)
+    cu = csub.add_parser("universal", help="convert a checkpoint to DeepSpeed's universal form; the next "
+                                           "start-up loads it (once), at any world size")
+    cu.add_argument("run_dir")
+    cu.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
 
     runs = sub.add_parser("runs", help="MLflow runs")
     rsub = runs.add_subparsers(dest="runs_command", required=True)
@@ -212,13 +226,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from latentforge.launch.submit import submit
 
     return submit(args.kind, args.profile, args.preset, args.config, list(args.overrides), target=args.target,
-                  wait=args.wait)
+                  wait=args.wait, num_tasks=args.num_tasks, task_index=args.task_index,
+                  resubmit_failed=args.resubmit_failed)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from latentforge.launch.submit import status
 
     print(status(args.run_dir))
+    return 0
+
+
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from latentforge.training.checkpoint import make_universal
+
+    utag = make_universal(args.run_dir, args.tag)
+    print(f"universal checkpoint {utag} in {args.run_dir}/checkpoints; the next start-up of this run loads it")
     return 0
 
 
@@ -237,11 +260,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 HANDLERS = {
     "precompute": cmd_precompute, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
     "sample": cmd_sample, "submit": cmd_submit, "status": cmd_status, "runs": cmd_runs, "demo": cmd_demo,
+    "ckpt": cmd_ckpt,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse (3.11) fills a `nargs="*"` positional at the first run of positionals, so in
+    # `submit train --profile P k=v` the overrides after the options would be "unrecognized":
+    # take them as overrides, in order, and refuse anything else as before.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = args.overrides + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from latentforge.training.config import ConfigError
 
     try:

@@ -251,20 +251,22 @@ def plan_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan |
         return None
     m = meta(run_dir, tag)
     saved_world, saved_stage = int(m.get("world_size", world_size)), int(m.get("zero_stage", zero_stage))
-    pending = pending_universal(run_dir)
-    if pending == universal_tag(tag):
-        return ResumePlan(tag, pending, True, "flagged by `latentforge ckpt universal`")
-    if saved_stage != zero_stage and 0 in (saved_stage, zero_stage):
+    if saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
+        # Stage 0 keeps one unpartitioned optimizer state; ZeRO-3 names its files per rank,
+        # which DeepSpeed's universal load for stages 1-2 does not read (and vice versa).
         from latentforge.training.config import ConfigError
 
         raise ConfigError(f"train.zero_stage: {run_dir / CKPT / tag} was saved with ZeRO stage {saved_stage}; "
-                          f"resuming with stage {zero_stage} is only possible between stages 1-3")
-    if saved_stage == 0:  # one unpartitioned optimizer state: loads at any world size as it is
-        return ResumePlan(tag, tag, False, "")
-    if saved_world != world_size or saved_stage != zero_stage:
-        return ResumePlan(tag, universal_tag(tag), True,
-                          f"saved with world size {saved_world} and ZeRO stage {saved_stage}, "
-                          f"now {world_size} and {zero_stage}")
+                          f"it resumes with stage {saved_stage} (a change is possible between stages 1 and 2 only)")
+    changed = ""
+    if saved_stage and (saved_world != world_size or saved_stage != zero_stage):
+        changed = (f"saved with world size {saved_world} and ZeRO stage {saved_stage}, "
+                   f"now {world_size} and {zero_stage}")
+    if pending_universal(run_dir) == universal_tag(tag):
+        return ResumePlan(tag, universal_tag(tag), True, changed or "flagged by `latentforge ckpt universal`")
+    if changed:  # ZeRO 1-3 partition the optimizer state by rank: re-partition through universal
+        return ResumePlan(tag, universal_tag(tag), True, changed)
+    # Same layout, or ZeRO stage 0 (one unpartitioned optimizer state loads at any world size).
     return ResumePlan(tag, tag, False, "")
 
 
@@ -280,7 +282,7 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePla
         if plan is not None and plan.universal:
             make_universal(run_dir, plan.tag)
     dist.barrier()
-    return plan_resume(run_dir, world_size, zero_stage) if plan is not None and plan.universal else plan
+    return plan
 
 
 def load(engine: Any, run_dir: Path, plan: ResumePlan) -> dict[str, Any]:
@@ -312,24 +314,49 @@ _DS_KEYS = ("module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param
             "global_samples", "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "sparse_tensor_module_names")
 
 
+def _states_files(d: Path) -> list[Path]:
+    """The model-states files of a checkpoint: one below ZeRO-3, one per rank under it."""
+    files = sorted(d.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    return files or [d / "mp_rank_00_model_states.pt"]
+
+
+def consolidated_ema(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Whole EMA weights of a checkpoint, from every rank's shard under ZeRO-3."""
+    from latentforge.training.ema import assemble
+
+    d = ckpt_dir(run_dir) / tag
+    states = [torch.load(f, map_location="cpu", weights_only=False).get("ema") for f in _states_files(d)]
+    if any(st is None for st in states):
+        raise ValueError(f"{d}: a checkpoint without EMA state (ema.enabled was false)")
+    return assemble(states)
+
+
+def _with_whole_ema(run_dir: Path, tag: str, client: dict[str, Any]) -> dict[str, Any]:
+    ema = client.get("ema")
+    if ema and ema.get("layout") is not None:
+        client["ema"] = {"updates": ema["updates"], "shadow": consolidated_ema(run_dir, tag), "layout": None}
+    return client
+
+
 def client_state(run_dir: Path, tag: str | None = None) -> dict[str, Any]:
-    """The client state (step, loader position, EMA, ...) of a checkpoint."""
+    """The client state (step, loader position, EMA, ...) of a checkpoint, with the EMA
+    whole (assembled from the ranks' shards under ZeRO-3)."""
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
     states = torch.load(_model_states_file(ckpt_dir(run_dir) / tag), map_location="cpu", weights_only=False)
-    return {k: v for k, v in states.items() if k not in _DS_KEYS}
+    return _with_whole_ema(run_dir, tag, {k: v for k, v in states.items() if k not in _DS_KEYS})
 
 
 def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(fp32 module weights, client state) of a checkpoint, for export and eval, in one
-    process without DeepSpeed's engine. Works for every ZeRO stage."""
+    """(fp32 module weights, client state with the EMA whole) of a checkpoint, for export
+    and eval, in one process without DeepSpeed's engine. Works for every ZeRO stage."""
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
     d = ckpt_dir(run_dir) / tag
     states = torch.load(_model_states_file(d), map_location="cpu", weights_only=False)
-    client = {k: v for k, v in states.items() if k not in _DS_KEYS}
+    client = _with_whole_ema(run_dir, tag, {k: v for k, v in states.items() if k not in _DS_KEYS})
     if list(d.glob("*zero_pp_rank_*optim_states.pt")):
         from latentforge.training.engine import consolidated_state_dict
 

@@ -59,7 +59,10 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
         "allgather_bucket_size": 5e7,
     }
     if cfg.train.zero_stage == 3:
+        # At most 5e7 gathered parameter elements live at a time (DeepSpeed's default, 1e9, is
+        # more than a whole SD-sized U-Net: ZeRO-3 would then keep every layer gathered).
         zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+                    stage3_max_live_parameters=5e7, stage3_max_reuse_distance=5e7,
                     stage3_gather_16bit_weights_on_model_save=False)
     if cfg.train.offload_optimizer:
         if cfg.train.zero_stage == 0:
@@ -190,6 +193,47 @@ class Engine:
         else:
             yield self.module
 
+    # -- what an EMA tracks -------------------------------------------------------------
+
+    @property
+    def zero3(self) -> bool:
+        return self.cfg.train.zero_stage == 3
+
+    def ema_parameters(self) -> dict[str, torch.Tensor]:
+        """name -> this rank's copy of each trainable parameter: the parameter itself below
+        ZeRO-3; under ZeRO-3 its flat partition (p.ds_tensor, (ceil(n / N),)), which the
+        optimizer step has just updated. No communication."""
+        params = ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+        if self.zero3:
+            return {n: p.ds_tensor for n, p in params}
+        return dict(params)
+
+    def ema_layout(self) -> dict[str, Any] | None:
+        """How `ema_parameters()` splits each parameter over ranks (see training/ema.py);
+        None when every rank holds whole parameters."""
+        if not self.zero3:
+            return None
+        world = dist.world_size()
+        layout: dict[str, Any] = {"world_size": world, "rank": dist.rank(), "numel": {}, "shape": {}}
+        for n, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ds_tensor.numel() != math.ceil(p.ds_numel / world):
+                raise RuntimeError(f"{n}: ZeRO-3 partition of {p.ds_tensor.numel()} elements, expected "
+                                   f"ceil({p.ds_numel} / {world}); the EMA's shard layout does not apply")
+            layout["numel"][n], layout["shape"][n] = int(p.ds_numel), list(p.ds_shape)
+        return layout
+
+    def gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's (P,) shard, concatenated in rank order: (N * P,). Collective."""
+        import torch.distributed as tdist
+
+        out = torch.empty(shard.numel() * dist.world_size(), dtype=shard.dtype, device=shard.device)
+        tdist.all_gather_into_tensor(out, shard.contiguous())
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------
+
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Collective: every rank writes its shards. `latest` is left to the caller."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -244,11 +288,43 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.optim.betas, eps=cfg.optim.eps)
+    # fused: one kernel over ZeRO's flat fp32 partitions, without the partition-sized
+    # temporaries of the for-each implementation (CPU and CUDA both have it).
+    optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_dict)
+    if cfg.train.zero_stage == 3:
+        _share_fp32_master(ds_engine)
+        _return_freed_memory()  # the whole model built on this rank is now 1/N of it
     if cfg.train.compile:
         compile_engine(ds_engine)
     return Engine(ds_engine, cfg, config_dict, optimizer)
+
+
+def _share_fp32_master(ds_engine: Any) -> None:
+    """ZeRO-3 with fp32 weights: let the optimizer's fp32 master partition be the weight
+    partition itself, as DeepSpeed intends ("weights ... are already in and updated using
+    fp32. In such cases we don't need another copy", stage3.py _create_fp32_partitions).
+    Its check compares `tensor.device` with the string "cpu"/"cuda:0", which is False under
+    torch 2.14, so 0.19.8 keeps a second copy: 4 bytes per parameter / N. Same values, same
+    updates: the step copies the master into the weights, here onto itself."""
+    opt = ds_engine.optimizer
+    for lp, master in zip(getattr(opt, "fp16_partitioned_groups_flat", []), getattr(opt, "fp32_partitioned_groups_flat", [])):
+        if (lp is not None and master.numel() == lp.numel() and lp.dtype == master.dtype
+                and lp.device == master.device and lp.data_ptr() != master.data_ptr()):
+            master.data = lp.data  # the optimizer keeps the same Parameter object (and its state key)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc malloc_trim). ZeRO-3 frees each whole
+    parameter once partitioned, but glibc keeps freed blocks below its mmap threshold in
+    the process, so a rank's resident memory would stay at the full model's size."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def write_ds_config(run_dir: Path, config_dict: dict[str, Any]) -> None:

@@ -8,8 +8,10 @@ saved loader position, EMA, optimizer and weights, a resumed run continues bitwi
 
 from __future__ import annotations
 
-import math
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,40 @@ class StopFlag:
 
 STOP = StopFlag()  # SIGUSR2 / SIGTERM: checkpoint, then exit for requeue
 SAVE = StopFlag()  # SIGUSR1 (or touching RUN_DIR/SAVE_NOW): checkpoint, then go on
+
+
+class Watchdog:
+    """Ends this rank when the training loop makes no progress for train.collective_timeout_s.
+
+    The process group's timeout bounds most collectives, but not all of them: under gloo,
+    DeepSpeed's post-step parameter all-gather (all_gather_into_tensor) waits forever on a
+    peer that hangs (SIGSTOP, a frozen node) while keeping its sockets open. Armed only in
+    the step loop (steps are seconds long), paused during evaluation, which may take long."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.deadline: float | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="latentforge-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def pause(self) -> None:
+        self.deadline = None
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(5.0, self.timeout_s / 4)):
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[rank {dist.rank()}] error: no training progress for {self.timeout_s:.0f}s "
+                      f"(train.collective_timeout_s): another rank is dead or hung; exiting", file=sys.stderr,
+                      flush=True)
+                os._exit(1)  # the main thread is stuck in a collective: no clean way out
 
 
 @dataclass
@@ -147,10 +183,8 @@ def train(cfg: Config) -> TrainResult:
     unet = build_model(cfg, shapes)
     n_params = count_params(unet)
     engine = eng.build_engine(unet, cfg, run_dir, load_universal=bool(resume and resume.universal))
-    ema = None
-    if cfg.ema.enabled:
-        with engine.full_parameters() as m:
-            ema = EMA(m, cfg.ema)
+    # Under ZeRO-3 each rank averages its own partition of the weights (no gather per step).
+    ema = EMA(engine.ema_parameters(), cfg.ema, engine.ema_layout(), engine.gather_shard) if cfg.ema.enabled else None
 
     # Resume: weights, optimizer, EMA, step, data position, RNG, MLflow run id.
     client: dict[str, Any] = {}
@@ -158,7 +192,10 @@ def train(cfg: Config) -> TrainResult:
     if resume:
         client = checkpoint.load(engine, run_dir, resume)
         if ema is not None and client.get("ema"):
-            ema.load_state_dict(client["ema"])
+            if ema.compatible(client["ema"]):  # this rank's own state
+                ema.load_state_dict(client["ema"])
+            else:  # another world size or layout: whole from the checkpoint's files, then re-split
+                ema.load_full(checkpoint.consolidated_ema(run_dir, resume.tag), client["ema"]["updates"])
         how = f" through its universal form ({resume.reason})" if resume.universal else ""
         dist.print0(f"[train] resumed from {run_dir / checkpoint.CKPT / resume.tag}{how} at step {client['step']}")
         if resume.universal and dist.is_main():  # this run's later checkpoints are ordinary ones
@@ -199,8 +236,10 @@ def train(cfg: Config) -> TrainResult:
     preempted = False
     t_start, step_start = time.monotonic(), step
     status = "FAILED"
+    watchdog = Watchdog(cfg.train.collective_timeout_s)
     try:
         while step < cfg.train.max_steps:
+            watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, step))
 
             # Forward and backward over the micro-batches of one optimizer step. A
@@ -254,8 +293,7 @@ def train(cfg: Config) -> TrainResult:
 
             # Update EMA (only with weights an optimizer step produced).
             if ema is not None and applied:
-                with engine.full_parameters() as m:
-                    ema.update(m, step)
+                ema.update(engine.ema_parameters(), step)
             step += 1
             window["n"] += 1
 
@@ -310,6 +348,7 @@ def train(cfg: Config) -> TrainResult:
                     "shapes": shapes, "identity": identity, "scale": encoders.codec.scale,
                     "shift": encoders.codec.shift, "null_text": {"tokens": null_tokens, "pooled": null_pooled},
                 }
+                watchdog.beat()  # a save's own barriers are bounded by the same timeout
                 checkpoint.save(engine, run_dir, step, client_state, cfg.train.keep_last)
                 last_ckpt_time = time.monotonic()
                 if asked:
@@ -324,12 +363,20 @@ def train(cfg: Config) -> TrainResult:
 
             # Evaluate.
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
+                watchdog.pause()
                 tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
 
+        watchdog.stop()
         if not preempted:
             tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
         status = "KILLED" if preempted else "FINISHED"
     finally:
+        # Shut the loader's DataLoader workers down now. On an error (a dead peer rank, a
+        # non-finite abort) the traceback keeps this frame, and with it the iterator, alive
+        # until interpreter exit, where multiprocessing would join workers that ignore
+        # SIGTERM (data/loader.py) and wait forever.
+        watchdog.stop()
+        it.close()
         tracker.finish(status)
     return TrainResult(step=step, samples_seen=samples_seen, run_dir=run_dir, mlflow_run_id=tracker.run_id,
                        preempted=preempted, last_metrics=metrics)
