@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = args.overrides + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from latentforge.training.config import ConfigError
+    from latentforge.training.config import AbortError, ConfigError
 
     try:
         if args.command == "data":
@@ -284,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"latentforge: config error: {e}", file=sys.stderr)
         return 2
+    except AbortError as e:
+        print(f"latentforge: aborted: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("LATENTFORGE_DEBUG"):
             raise

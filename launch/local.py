@@ -2,7 +2,7 @@
 
 Each child gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, exactly as
 torchrun would set them, so the child takes the same code path as under any launcher.
-Signals sent to the parent (Ctrl-C, SIGTERM, SIGUSR2) are forwarded to every child;
+Signals sent to the parent (Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2) are forwarded to every child;
 if one child fails, the others get SIGTERM, then SIGKILL after a grace period: a dead
 rank never leaves the rest hanging.
 """
@@ -53,7 +53,8 @@ def spawn(argv: list[str], nproc: int, grace_s: float = 30.0, env: dict[str, str
             if p.poll() is None:
                 p.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    # SIGUSR1 asks for an on-demand checkpoint; SIGUSR2/SIGTERM for checkpoint-and-stop.
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         code = 0
         deadline: float | None = None

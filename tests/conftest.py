@@ -20,7 +20,7 @@ from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures
 
 import pytest  # noqa: E402
 
-# Small enough for CPU tests: 32 px images, pixel codec 4x4 -> 48 x 8 x 8 latents,
+# Small enough for CPU tests: 32 px images, the tiny preset's pixel codec,
 # a (32, 64) U-Net, the tiny random open_clip.
 TINY_OVERRIDES = [
     "synth.num_samples=256", "synth.samples_per_shard=64", "synth.image_size=32",

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A bad config key or value. The message names the key."""
 
 
+class AbortError(RuntimeError):
+    """A run stopped for a reason the user can act on; the message says what and how."""
+
+
 @dataclass
 class SynthConfig:
     num_samples: int = 2048  # images in the synthetic dataset

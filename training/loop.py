@@ -28,7 +28,7 @@ from latentforge.training.config import Config
 from latentforge.training.unet import build_unet, count_params, unet_forward
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(config_mod.AbortError):
     pass
 
 
@@ -256,9 +256,12 @@ def train(cfg: Config) -> TrainResult:
                 window["wait"] += time.perf_counter() - t_wait
                 gen = step_generator(cfg.train.seed, rank, step, micro)
                 x0 = batch["latents"].to(device)  # (B, C, h, w)
-                text, pooled, _ = cfg_drop(batch["text"], null_tokens, cfg.diffusion.cfg_dropout, gen,
-                                           pooled=batch["pooled"], null_pooled=null_pooled)
-                cond = {"text": text.to(device), "pooled": pooled.to(device)}  # (B, L, D), (B, P)
+                # Text arrives as fp16: move it first, so the fp32 promotion in cfg_drop
+                # happens on the device and the host-to-device copy moves half the bytes.
+                text, pooled, _ = cfg_drop(batch["text"].to(device), null_tokens.to(device),
+                                           cfg.diffusion.cfg_dropout, gen, pooled=batch["pooled"].to(device),
+                                           null_pooled=null_pooled.to(device))
+                cond = {"text": text, "pooled": pooled}  # (B, L, D), (B, P)
                 mask = batch["mask"].to(device)  # (B,) 0 for padding
                 out = loss_fn(model_fn, x0, cond, cfg.diffusion, schedule, gen, mask=mask)
                 loss = out["loss"]
