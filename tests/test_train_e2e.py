@@ -61,3 +61,17 @@ def test_loss_goes_down_and_mlflow_holds_the_metrics(two_rank_run):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "samples"))
+
+
+def test_export_is_recorded_on_the_training_run(two_rank_run, tmp_path):
+    """The final export's path is a tag of the training run, its metadata an artifact."""
+    root, run_dir = two_rank_run
+    from mlflow.tracking import MlflowClient
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    meta = json.loads((tmp_path / "export" / "latentforge.json").read_text())
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"])
+    assert run.data.tags["export_path"] == str((tmp_path / "export").resolve())
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == ["export/latentforge.json"]
+    assert run.info.status == "FINISHED"  # recording the export does not reopen the run

@@ -81,7 +81,28 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    record_export(cfg, meta.get("mlflow_run_id"), out)
     return out
+
+
+def record_export(cfg: config_mod.Config, run_id: str | None, out: Path) -> None:
+    """Put the export's path (tag `export_path`) and its metadata (artifact) on the training
+    run in MLflow. Best effort: an unreachable tracking server costs a warning, not the export."""
+    if not run_id or not cfg.tracking.enabled:
+        return
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+        client.set_tag(run_id, "export_path", str(out.resolve()))
+        client.log_artifact(run_id, str(out / META), artifact_path="export")
+    except Exception as e:  # tracking never stops the pipeline (DESIGN.md guarantee 7)
+        warnings.warn(f"export: could not record {out} on MLflow run {run_id}: {str(e).splitlines()[0]}")
 
 
 def load_export(model_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
