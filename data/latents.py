@@ -48,6 +48,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from latentforge.training.fileio import atomic_write
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
@@ -67,10 +69,7 @@ def _npy_load(b: bytes) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def sha256_path(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from latentforge.training.fileio import atomic_write
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Named colours, chosen far apart in RGB from each other and from every background
 # (pairwise distance >= ~95), so nearest-colour detection is unambiguous.
@@ -280,9 +282,7 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
         if all(p.exists() for p in paths):
             return paths
     paths = write_shards(out, num_samples, samples_per_shard, image_size, seed)
-    tmp = out / f".{STAMP}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(args, sort_keys=True))
-    os.replace(tmp, stamp)
+    atomic_write(stamp, json.dumps(args, sort_keys=True))
     return paths
 
 

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from latentforge.training import dist
+from latentforge.training.fileio import atomic_write
 
 FID_PROTOCOL = "inception-v3-compat/pool3-2048/uint8-native-res/tf1-bilinear-299/v1"
 FEATURE_DIM = 2048  # Inception-v3 pool3
@@ -412,15 +413,6 @@ def reference_key(key_parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _try_load(path: Path, parts: dict[str, Any]) -> FeatureStats | None:
     """The cached stats at `path`, or None if absent or unusable (warns when unusable)."""
     if not path.is_file():
@@ -477,10 +469,10 @@ def reference_stats(cache_dir: str | os.PathLike, key_parts: dict[str, Any],
         try:
             cache.mkdir(parents=True, exist_ok=True)
             sidecar = {"key": key, "key_parts": parts, "count": stats.count, "dim": stats.dim}
-            _atomic_write_bytes(json_path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+            atomic_write(json_path, json.dumps(sidecar, indent=2, sort_keys=True) + "\n", fsync=True)
             buf = io.BytesIO()
             torch.save({"key": key, "key_parts": parts, "stats": stats.state_dict()}, buf)
-            _atomic_write_bytes(pt_path, buf.getvalue())  # last: its presence means "complete"
+            atomic_write(pt_path, buf.getvalue(), fsync=True)  # last: its presence means "complete"
         except OSError as e:
             warnings.warn(f"could not write FID reference cache {pt_path}: {e}", stacklevel=2)
     dist.barrier()

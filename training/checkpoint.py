@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from latentforge.training import dist
+from latentforge.training.fileio import atomic_write
 
 CKPT = "checkpoints"
 LATEST = "latest"
@@ -91,20 +92,6 @@ def meta(run_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir(run_dir) / tag / COMPLETE).read_text())
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def rng_state() -> dict[str, Any]:
     import random
 
@@ -149,10 +136,10 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
     os.replace(tmp, rank_file)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
-        _atomic_write(d / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.world_size(),
-                                                       "zero_stage": engine.cfg.train.zero_stage,
-                                                       "time": time.time()}))
-        _atomic_write(d / LATEST, tag)
+        atomic_write(d / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.world_size(),
+                                                     "zero_stage": engine.cfg.train.zero_stage,
+                                                     "time": time.time()}), fsync=True)
+        atomic_write(d / LATEST, tag, fsync=True)
         prune(run_dir, keep_last)
     dist.barrier()
     dist.print0(f"[checkpoint] saved {d / tag} in {time.monotonic() - t0:.1f}s")
@@ -225,9 +212,9 @@ def make_universal(run_dir: Path, tag: str | None = None) -> str:
         t0 = time.monotonic()
         print(f"[checkpoint] converting {src} to a universal checkpoint (DeepSpeed ds_to_universal)", flush=True)
         to_universal(src, dst)
-        _atomic_write(dst / COMPLETE, json.dumps({**meta(run_dir, tag), "universal_of": tag}))
+        atomic_write(dst / COMPLETE, json.dumps({**meta(run_dir, tag), "universal_of": tag}), fsync=True)
         print(f"[checkpoint] universal checkpoint {dst} written in {time.monotonic() - t0:.1f}s", flush=True)
-    _atomic_write(ckpt_dir(run_dir) / UNIVERSAL_FLAG, utag)
+    atomic_write(ckpt_dir(run_dir) / UNIVERSAL_FLAG, utag, fsync=True)
     return utag
 
 

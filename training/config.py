@@ -536,11 +536,11 @@ def save(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
     import yaml
 
+    from latentforge.training.fileio import atomic_write
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_resolved(path: str | os.PathLike) -> Config:

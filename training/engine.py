@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from latentforge.training import dist
+from latentforge.training.fileio import atomic_write
 from latentforge.training.config import Config, ConfigError
 
 
@@ -328,9 +329,7 @@ def _return_freed_memory() -> None:
 
 
 def write_ds_config(run_dir: Path, config_dict: dict[str, Any]) -> None:
-    tmp = Path(run_dir) / ".ds_config.json.tmp"
-    tmp.write_text(json.dumps(config_dict, indent=1))
-    os.replace(tmp, Path(run_dir) / "ds_config.json")
+    atomic_write(Path(run_dir) / "ds_config.json", json.dumps(config_dict, indent=1))
 
 
 def compile_engine(ds_engine: Any) -> None:

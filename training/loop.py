@@ -210,7 +210,7 @@ def train(cfg: Config) -> TrainResult:
                       run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
                       run_key=run_key_for(run_dir) if dist.is_main() else None)
-    run_id = tracker.start(run_id=client.get("mlflow_run_id"))
+    tracker.start(run_id=client.get("mlflow_run_id"))
     if not tag:
         tracker.log_params(config_mod.flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")

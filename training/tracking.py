@@ -63,6 +63,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from latentforge.training.fileio import atomic_write
+
 # MLflow's limits (mlflow/utils/validation.py, checked against mlflow 3.17.2).
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -122,9 +124,7 @@ def run_key_for(run_dir: str | os.PathLike) -> str:
             return key
     p.parent.mkdir(parents=True, exist_ok=True)
     key = uuid.uuid4().hex
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(key + "\n")
-    os.replace(tmp, p)  # whole or absent
+    atomic_write(p, key + "\n")
     return key
 
 
