@@ -40,7 +40,7 @@ from latentforge.data.loader import LatentLoader  # noqa: E402
 
 SHAPES = {
     "sd2": {"latent": [4, 32, 32], "text": [77, 1024], "pooled": [1024]},  # sd2-base-256
-    "tiny": {"latent": [12, 16, 16], "text": [77, 64], "pooled": [64]},  # the tiny preset at 32 px
+    "tiny": {"latent": [48, 8, 8], "text": [77, 64], "pooled": [64]},  # the tiny preset at 32 px
 }
 
 

@@ -15,8 +15,8 @@ fp32 matmul rate measured in this process, at the same thread count, just before
 steps (benchmarks/_common.matmul_peak; its fastest run, so the MFU is conservative).
 
 Models:
-  tiny   the `tiny` preset: 32 px through the pixel codec -> (12, 16, 16) latents, the tiny
-         open_clip's (77, 64) tokens, U-Net (64, 128), ~2M parameters
+  tiny   the `tiny` preset: 32 px through the pixel codec -> (48, 8, 8) latents, the tiny
+         open_clip's (77, 64) tokens, U-Net (32, 64), ~1.1M parameters
   mid    256 px through an SD-style VAE -> (4, 32, 32) latents, ViT-H-sized (77, 1024) tokens,
          U-Net (192, 384, 768) with 2 resnets per level, ~100M parameters
 
@@ -40,7 +40,7 @@ from benchmarks._common import Report, count_flops, matmul_peak  # noqa: E402
 
 # name -> (config overrides on the tiny preset, latent (C, h, w), text (L, D), pooled P)
 MODELS: dict[str, tuple[list[str], tuple[int, int, int], tuple[int, int], int]] = {
-    "tiny": ([], (12, 16, 16), (77, 64), 64),
+    "tiny": ([], (48, 8, 8), (77, 64), 64),
     "mid": (["model.block_out_channels=[192, 384, 768]", "model.layers_per_block=2",
              "model.down_block_types=[CrossAttnDownBlock2D, CrossAttnDownBlock2D, DownBlock2D]",
              "model.up_block_types=[UpBlock2D, CrossAttnUpBlock2D, CrossAttnUpBlock2D]",
