@@ -229,11 +229,13 @@ def tiny() -> Config:
     (4x4 patches -> 48 x 8 x 8 latents), the random tiny open_clip, a 1.1M-param U-Net.
 
     Tuned so that `make demo` (about 6 minutes of training on 2 CPU cores) gives samples
-    whose colour, size, position and background follow their prompts; the shape class
-    needs a wider first level (block_out_channels=[48, 96]: shape accuracy 0.54 vs 0.25
-    at the same 128k samples, but twice the time). x0 ("sample") prediction: with 48-channel patches and a
-    32-channel first level, eps/v prediction must push per-pixel noise through a
-    bottleneck and leaves residual noise in samples, while x0 targets are flat shapes.
+    whose colour, size, position and background follow their prompts. The shape class
+    needs a wider first level: block_out_channels=[48, 96] (norm groups and head dim 16) reaches shape accuracy 0.54
+    against about 0.4 at the same 128k samples, in twice the time.
+
+    x0 ("sample") prediction: with 48-channel patches and a 32-channel first level,
+    eps/v prediction must push per-pixel noise through a bottleneck and leaves residual
+    noise in samples, while x0 targets are flat shapes.
     The linear schedule (DDPM's) with zero terminal SNR suits pixel-range data."""
     return Config(
         preset="tiny",
