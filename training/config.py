@@ -230,8 +230,9 @@ def tiny() -> Config:
 
     Tuned so that `make demo` (about 6 minutes of training on 2 CPU cores) gives samples
     whose colour, size, position and background follow their prompts. The shape class
-    needs a wider first level: block_out_channels=[48, 96] (norm groups and head dim 16) reaches shape accuracy 0.54
-    against about 0.4 at the same 128k samples, in twice the time.
+    needs a wider first level: block_out_channels=[48, 96] (norm groups and head dim 16)
+    reaches shape accuracy 0.54 against about 0.4 at the same 128k samples, in twice the
+    time.
 
     x0 ("sample") prediction: with 48-channel patches and a 32-channel first level,
     eps/v prediction must push per-pixel noise through a bottleneck and leaves residual
