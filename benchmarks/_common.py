@@ -114,7 +114,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+                            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                            "load_avg_1min": os.getloadavg()[0]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -149,6 +150,7 @@ class Report:
         w = max((len(r[0]) for r in self.rows), default=10)
         for name, text, unit in self.rows:
             print(f"   {name:<{w}}  {text:>12} {unit}")
+        print(f"   load average (1 min) at the end: {m['load_avg_1min']:.1f}")
         if as_json:
             print(json.dumps({"title": self.title, "command": self.command, "machine": m, "values": self.values},
                              default=str))

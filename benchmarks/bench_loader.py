@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"loader, {w} workers / tarfile iteration", n / t * t_tar / n, "", fmt="{:.0%}")
         rep.add(f"loader, {w} workers, CPU time (all processes)", min(r[1] for r in runs) / n * 1e6, "us/sample")
         rep.add(f"loader, {w} workers, first batch after", first * 1e3, "ms")
-    rep.add("load average (1 min) at the end", os.getloadavg()[0], "", fmt="{:.1f}")
     rep.print(args.json)
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -262,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         rep.add("sd2-base-256: bound from FLOPs", (sd2["unet"] + sd2["vae"] + sd2["text"]) / sd2["unet"], "x",
                 fmt="{:.2f}")
     rep.add("steps timed per mode (interleaved)", len(pre_step), "", fmt="{:d}")
-    rep.add("load average (1 min) at the end", os.getloadavg()[0], "", fmt="{:.1f}")
     rep.add("one-time precompute of these images", t_precompute, "s", fmt="{:.1f}")
     saved_per_epoch = (t_fly - t_pre) * n_images / args.batch  # seconds of training saved per pass over the data
     rep.add("  repaid after (epochs)", t_precompute / saved_per_epoch, "", fmt="{:.2f}")

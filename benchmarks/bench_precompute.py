@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("encode only / matmul peak", flops * enc_rate / peak.best, "", fmt="{:.0%}")
     rep.add("encoder build (excluded above)", t_build, "s", fmt="{:.1f}")
     rep.add("images (pipeline / naive per turn)", f"{args.images} / {n}")
-    rep.add("load average (1 min) at the end", os.getloadavg()[0], "", fmt="{:.1f}")
     rep.print(args.json)
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)

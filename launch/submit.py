@@ -285,6 +285,15 @@ def _record(kind: str, job: Any, prof: Profile, profile_path: str, folder_patter
     return rec
 
 
+def _submit_one(kind: str, fn: Any, prof: Profile, profile_path: str, home: Path, **extra: Any) -> Submission:
+    """Submit one job whose logs go to HOME/slurm/<job id> and whose record goes to HOME's jobs file."""
+    folder = home / "slurm" / "%j"
+    job = _executor(prof, folder, kind, f"lf-{kind}-{home.name}").submit(fn)
+    rec = _record(kind, job, prof, profile_path, folder, **extra)
+    _append_record(home / JOBS_FILE, rec)
+    return Submission(kind, prof, [job], home / JOBS_FILE, home, [rec])
+
+
 def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file: str | None = None,
                 overrides: Sequence[str] = (), target: str | None = None, *, num_tasks: int | None = None,
                 task_index: int | None = None, resubmit_failed: bool = False) -> Submission:
@@ -314,11 +323,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
                 not (tgt / "latentforge.json").is_file():
             raise SubmitError(f"--target: {tgt} is neither a run directory (config.yaml and checkpoints/) nor an "
                               f"export (latentforge.json)")
-        folder = tgt / "slurm" / "%j"
-        job = _executor(prof, folder, "eval", f"lf-eval-{tgt.name}").submit(EvalJob(source, str(tgt)))
-        rec = _record("eval", job, prof, profile_path, folder, target=str(tgt))
-        _append_record(tgt / JOBS_FILE, rec)
-        return Submission("eval", prof, [job], tgt / JOBS_FILE, tgt, [rec])
+        return _submit_one("eval", EvalJob(source, str(tgt)), prof, profile_path, tgt, target=str(tgt))
 
     cfg = resolve(preset, config_file, list(overrides))  # a bad config fails here, not in the queue
 
@@ -332,11 +337,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
             jid, st = busy[0]
             raise SubmitError(f"{run_dir}: job {jid} is still {st} in this run directory; two jobs would write the "
                               f"same checkpoints. Wait for it, or scancel it, or choose another run_name")
-        folder = run_dir / "slurm" / "%j"
-        job = _executor(prof, folder, "train", f"lf-train-{run_dir.name}").submit(TrainJob(source, str(run_dir)))
-        rec = _record("train", job, prof, profile_path, folder, run_dir=str(run_dir))
-        _append_record(run_dir / JOBS_FILE, rec)
-        return Submission("train", prof, [job], run_dir / JOBS_FILE, run_dir, [rec])
+        return _submit_one("train", TrainJob(source, str(run_dir)), prof, profile_path, run_dir, run_dir=str(run_dir))
 
     # Precompute: a job array over groups of raw shards.
     from latentforge.data import shards
