@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add(f"clip ({args.clip_arch})", B / t_clip, "pairs/s")
 
     print(f"[bench] sampling: tiny-preset U-Net, DDIM {args.steps} steps with CFG", flush=True)
+    from latentforge.config import resolve
     from latentforge.eval.sampling import sample
-    from latentforge.training.config import resolve
     from latentforge.training.diffusion import Schedule
     from latentforge.training.unet import build_unet, unet_forward
 

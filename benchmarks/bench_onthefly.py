@@ -73,7 +73,7 @@ def sd2_flop_bound() -> dict[str, float] | None:
     try:
         from diffusers import AutoencoderKL
 
-        from latentforge.training.config import resolve
+        from latentforge.config import resolve
         from latentforge.training.unet import build_unet, unet_forward
 
         cfg = resolve("sd2-base-256", None, [])
@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import AutoencoderKL
 
-    from latentforge.data import precompute, shards, synth
+    from latentforge.config import resolve
     from latentforge.data import latents as lat
+    from latentforge.data import precompute, shards, synth
+    from latentforge.data.encoders import build_encoders
     from latentforge.data.loader import LatentLoader
-    from latentforge.training.config import resolve
     from latentforge.training.diffusion import Schedule, loss_fn
     from latentforge.training.unet import build_unet, unet_forward
 
@@ -135,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
           f"model.block_out_channels={channels}", f"model.down_block_types={['CrossAttnDownBlock2D'] * len(channels)}",
           f"model.up_block_types={['CrossAttnUpBlock2D'] * len(channels)}", "model.layers_per_block=1"]
     cfg = resolve("tiny", None, ov)
-    from latentforge.training import dist
+    from latentforge import dist
 
     device = dist.device()
-    enc = precompute.build_encoders(cfg, device)
+    enc = build_encoders(cfg, device)
 
     # The one-time cost: precompute every image once.
     t0 = time.perf_counter()

@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import AutoencoderKL
 
+    from latentforge import dist
+    from latentforge.config import resolve
     from latentforge.data import latents as lat
     from latentforge.data import precompute, raw, synth
-    from latentforge.training import dist
-    from latentforge.training.config import resolve
+    from latentforge.data.encoders import build_encoders
 
     device = dist.device()
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
           f"codec.path={tmp / 'sd-vae'}", f"text.model={args.text}", "text.pretrained="]
     cfg = resolve("tiny", None, ov)
     t0 = time.perf_counter()
-    enc = precompute.build_encoders(cfg, device)
+    enc = build_encoders(cfg, device)
     t_build = time.perf_counter() - t0
     print(f"[bench_precompute] encoders built in {t_build:.1f} s (codec {enc.codec.identity()['dtype']}, "
           f"text {enc.text.identity()['dtype']})", flush=True)

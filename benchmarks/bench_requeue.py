@@ -68,10 +68,10 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import TINY_OVERRIDES  # the test suite's tiny model and data
 
+    from latentforge.config import resolve
     from latentforge.data import precompute
+    from latentforge.data.synth import ensure_synth
     from latentforge.launch import submit
-    from latentforge.launch.cli import ensure_synth
-    from latentforge.training.config import resolve
 
     root = Path(args.run_root or tempfile.mkdtemp(prefix="bench_requeue_")).resolve()
     overrides = [f"run_root={root}", *TINY_OVERRIDES]

@@ -59,9 +59,9 @@ class Stepper:
 
     def __init__(self, model: str, micro_batch: int, zero_stage: int, extra: list[str] = (),
                  ema: bool = True):
-        from latentforge.training import dist
+        from latentforge import dist
+        from latentforge.config import resolve
         from latentforge.training import engine as eng
-        from latentforge.training.config import resolve
         from latentforge.training.diffusion import Schedule
         from latentforge.training.ema import EMA
         from latentforge.training.unet import build_unet, count_params

@@ -19,18 +19,16 @@ matches the manifests written with it. diffusers is imported late (STYLE.md item
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from latentforge.training.config import CodecConfig
+from latentforge.config import CodecConfig
+from latentforge.hashing import sha256_files
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,41 +51,6 @@ def resolve_dtype_name(name: str, device: torch.device | str, key: str) -> str:
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
     parse_dtype(name, key)
     return name
-
-
-# ---------------------------------------------------------------------------------------
-# Streamed, cached sha256 of weight files.
-
-_HASH_CACHE: dict[tuple[str, int, int, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 16 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (weights run to gigabytes).
-
-    Cached per process by (real path, size, mtime, ctime, inode), so asking every codec's
-    identity() repeatedly costs one read; a rewritten file gets a new key and is re-read.
-    """
-    p = os.path.realpath(path)
-    st = os.stat(p)
-    key = (p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    with _HASH_LOCK:
-        if key in _HASH_CACHE:
-            return _HASH_CACHE[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    return digest
-
-
-def sha256_files(paths: list[Path], root: Path) -> str:
-    """One digest over several files (a sharded checkpoint): sha256 of "relpath digest" lines."""
-    lines = [f"{p.relative_to(root).as_posix()} {sha256_file(p)}" for p in sorted(paths)]
-    return lines[0].split(" ", 1)[1] if len(lines) == 1 else hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ Reading a part (`PartIndex`) takes one `readinto` of the file and a walk over it
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import json
 import math
@@ -44,18 +43,18 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from latentforge.training.fileio import atomic_write
+from latentforge.fileio import atomic_open, tmp_name, write_json
+from latentforge.hashing import json_sha256, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
 NULL_TEXT = "null_text.npz"
 SHARDS = "shards"
-ARRAY_FIELDS = ("mean", "std", "text", "pooled")  # stored as KEY.<field>.npy
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -68,18 +67,6 @@ def _npy_load(b: bytes) -> np.ndarray:
     return np.load(io.BytesIO(b), allow_pickle=False)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def sha256_path(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class TarWriter:
     """Writes a tar with fixed metadata (mtime 0, uid 0, mode 644) so equal inputs give
     equal bytes. POSIX (pax) format: long or non-ASCII keys get a pax record instead of
@@ -88,7 +75,7 @@ class TarWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = tmp_name(self.path)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.count = 0
         self.sha256 = ""
@@ -109,7 +96,7 @@ class TarWriter:
         self._tar.close()
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
-        self.sha256 = sha256_path(self.tmp)
+        self.sha256 = sha256_file(self.tmp, cache=False)
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
@@ -144,17 +131,6 @@ class LatentRecord:
     pooled: np.ndarray  # (P,) fp16
     meta: dict[str, Any]
 
-
-def _decode(key: str, fields: dict[str, bytes]) -> LatentRecord:
-    return LatentRecord(
-        key=key,
-        caption=fields["caption.txt"].decode("utf-8"),
-        mean=_npy_load(fields["mean.npy"]),
-        std=_npy_load(fields["std.npy"]) if "std.npy" in fields else None,
-        text=_npy_load(fields["text.npy"]),
-        pooled=_npy_load(fields["pooled.npy"]),
-        meta=json.loads(fields["json"]),
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,22 +323,11 @@ class PartIndex:
         )
 
 
-def read_raw_fields(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of a latent tar, undecoded, in file order: [(key, {ext: bytes})]."""
-    p = PartIndex(path)
-    return [(k, {ext: p.raw(i, ext) for ext in f}) for i, (k, f) in enumerate(zip(p.keys, p.fields))]
-
 
 def read_part(path: str | os.PathLike) -> list[LatentRecord]:
     p = PartIndex(path)
     return [p.record(i) for i in range(len(p))]
 
-
-def iter_records(latent_dir: str | os.PathLike, parts: list[str] | None = None) -> Iterator[LatentRecord]:
-    m = load_manifest(latent_dir)
-    for p in m["parts"]:
-        if parts is None or p["file"] in parts:
-            yield from read_part(Path(latent_dir) / p["file"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +335,7 @@ def iter_records(latent_dir: str | os.PathLike, parts: list[str] | None = None) 
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(identity)
 
 
 def shard_manifest_path(latent_dir: Path, name: str) -> Path:
@@ -440,21 +405,18 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
         "shard_errors": {s["name"]: s["errors"] for s in shards if s["errors"]},
         "shapes": shapes,
     }
-    write_json_atomic(latent_dir / MANIFEST, manifest)
+    write_json(latent_dir / MANIFEST, manifest)
     return manifest
 
 
 def save_null_text(latent_dir: Path, tokens: np.ndarray, pooled: np.ndarray) -> None:
     """The empty caption's embedding, as an .npz with fixed zip timestamps (np.savez
     stamps the current time, which would make re-runs differ)."""
-    p = Path(latent_dir) / NULL_TEXT
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+    with atomic_open(Path(latent_dir) / NULL_TEXT) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
         for name, a in (("tokens", tokens), ("pooled", pooled)):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             z.writestr(info, _npy_bytes(np.ascontiguousarray(a, dtype=np.float32)))
-    os.replace(tmp, p)
 
 
 def load_null_text(latent_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -513,9 +475,9 @@ def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shape
                 w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta))
             w.close()
             parts.append({"file": w.path.name, "count": n, "sha256": w.sha256})
-        write_json_atomic(shard_manifest_path(d, name), {
+        write_json(shard_manifest_path(d, name), {
             "name": name, "raw_shard": name, "identity_hash": ih, "parts": parts, "seen": n, "written": n,
             "rejected": {}, "rejections": [], "errors": [], "notes": [], "shapes": shapes})
-    write_json_atomic(d / IDENTITY, identity)
+    write_json(d / IDENTITY, identity)
     save_null_text(d, np.zeros(shapes["text"], np.float32), np.zeros(shapes["pooled"], np.float32))
     return assemble_manifest(d, identity)

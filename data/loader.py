@@ -44,7 +44,6 @@ import torch
 
 from latentforge.data import latents as lat
 
-
 # Text embeddings leave the loader as stored: fp16. The model casts them to its compute
 # dtype (on the device), so converting here would only double the bytes moved between
 # processes and to the GPU. Latents are finalised (mean + std * eps) in f32.
@@ -506,6 +505,3 @@ class LatentLoader:
             yield batch
         del source
 
-
-def latent_shapes(manifest: dict[str, Any]) -> dict[str, list[int]]:
-    return manifest["shapes"]

@@ -42,51 +42,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from latentforge.config import Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data import raw, shards
-from latentforge.training.config import Config, ConfigError
+from latentforge.data.encoders import Encoders, build_encoders
+from latentforge.fileio import write_json
+from latentforge.hashing import sha256_file
+from latentforge.log import get_logger
 
-# Rejections made here, after decoding (raw.REASONS are made while reading).
-ENCODE_REASONS: tuple[str, ...] = (
-    "nonfinite_latent",  # NaN or inf in the codec's mean or std (or beyond fp16's range)
-    "nonfinite_text",  # NaN or inf in the text encoder's tokens or pooled embedding
-)
-
-
-@dataclass
-class Encoders:
-    codec: Any  # data.codecs.ImageCodec
-    text: Any  # data.text.TextEncoder
-
-    def identity(self, cfg: Config) -> dict[str, Any]:
-        """Everything that shapes the stored numbers. Latents made under another identity
-        are refused by the trainer and never mixed into one dataset."""
-        return {
-            "codec": self.codec.identity(),
-            "text": self.text.identity(),
-            "resolution": cfg.data.resolution,
-            "crop": raw.CROP_POLICY,
-            "storage_dtype": "fp16",
-            "min_size": cfg.data.min_size,
-            "max_aspect": cfg.data.max_aspect,
-        }
-
-
-def build_encoders(cfg: Config, device: torch.device | str = "cpu") -> Encoders:
-    """The codec and text encoder `cfg` names, on `device`. A VAE runs channels-last (NHWC):
-    faster convolutions on CPUs and GPUs alike; the layout is no part of the identity."""
-    from latentforge.data.codecs import VAECodec, build_codec
-    from latentforge.data.text import build_text_encoder
-
-    c = cfg.codec
-    codec = (VAECodec(c.path, dtype=c.dtype, scale=c.scale, shift=c.shift, device=device, channels_last=True)
-             if c.kind == "vae" else build_codec(c, device))
-    return Encoders(codec=codec, text=build_text_encoder(cfg.text, device))
-
-
-def expected_identity(cfg: Config, device: torch.device | str = "cpu") -> dict[str, Any]:
-    return build_encoders(cfg, device).identity(cfg)
-
+log = get_logger("precompute")
 
 class Progress:
     """One line every few seconds: samples done, samples/s, ETA, shards done, what is open.
@@ -121,8 +85,8 @@ class Progress:
         eta = max(total - self.done, 0.0) / rate if rate > 0 and total else float("nan")
         eta_s = "?" if math.isnan(eta) else f"{eta / 60:.1f} min"
         total_s = f"~{total:.0f}" if total else "?"
-        print(f"[{self.what}] {self.done}/{total_s} samples, {rate:.1f} samples/s, ETA {eta_s}, "
-              f"shards {self.shards_done}/{self.num_shards} done {note}".rstrip(), flush=True)
+        log.info(f"{self.what}: {self.done}/{total_s} samples, {rate:.1f} samples/s, ETA {eta_s}, "
+                 f"shards {self.shards_done}/{self.num_shards} done {note}".rstrip())
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +235,7 @@ class ShardWriter:
         if manifest["seen"] != self.written + n_rej or len(self.rejections) != n_rej:
             raise AssertionError(f"{self.url}: accounting broke: seen {report['seen']} != written {self.written} + "
                                  f"rejected {n_rej} (rejections listed: {len(self.rejections)})")
-        lat.write_json_atomic(lat.shard_manifest_path(self.out_dir, self.name), manifest)
+        write_json(lat.shard_manifest_path(self.out_dir, self.name), manifest)
         return manifest
 
     def abort(self) -> None:
@@ -315,7 +279,7 @@ def _ensure_dataset_identity(out_dir: Path, identity: dict[str, Any]) -> None:
         if old != identity:
             lat.check_identity({"identity": old}, identity, str(out_dir))
     else:
-        lat.write_json_atomic(p, identity)
+        write_json(p, identity)
 
 
 def _check_config(cfg: Config) -> None:
@@ -339,7 +303,7 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
     out_dir = cfg.resolved_latent_dir
     (out_dir / lat.SHARDS).mkdir(parents=True, exist_ok=True)
 
-    from latentforge.training import dist
+    from latentforge import dist
 
     device = dist.device()
     enc = encoders if encoders is not None else build_encoders(cfg, device)
@@ -352,11 +316,11 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
 
     todo = [u for u in mine if not lat.shard_manifest_path(out_dir, shards.shard_name(u)).exists()]
     stale = remove_stale_parts(out_dir / lat.SHARDS, {shards.shard_name(u) for u in todo})
-    what = f"precompute {task_index}/{num_tasks}"
-    print(f"[{what}] {len(mine)} raw shards, {len(mine) - len(todo)} already done, {len(todo)} to do -> {out_dir} "
-          f"(codec {identity['codec']['name']} {identity['codec']['dtype']}, text {cfg.text.model} "
-          f"{identity['text']['dtype']}, {device}, {cfg.data.precompute_workers} decoding workers)"
-          + (f"; removed {stale} stale part file(s) of unfinished shards" if stale else ""), flush=True)
+    what = f"task {task_index}/{num_tasks}"
+    log.info(f"{what}: {len(mine)} raw shards, {len(mine) - len(todo)} already done, {len(todo)} to do -> {out_dir} "
+             f"(codec {identity['codec']['name']} {identity['codec']['dtype']}, text {cfg.text.model} "
+             f"{identity['text']['dtype']}, {device}, {cfg.data.precompute_workers} decoding workers)"
+          + (f"; removed {stale} stale part file(s) of unfinished shards" if stale else ""))
     done_seen = [json.loads(lat.shard_manifest_path(out_dir, shards.shard_name(u)).read_text())["seen"]
                  for u in mine if u not in todo]
     hint = (sum(done_seen) / len(done_seen) if done_seen else
@@ -388,8 +352,8 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
                     summary["written"] += m["written"]
                     summary["rejected"] += m["seen"] - m["written"]
                     err = f", shard errors: {'; '.join(m['errors'])}" if m["errors"] else ""
-                    print(f"[{what}] shard {m['name']} done: {m['written']} written, {m['seen'] - m['written']} "
-                          f"rejected of {m['seen']} seen{err}", flush=True)
+                    log.info(f"{what}: shard {m['name']} done: {m['written']} written, {m['seen'] - m['written']} "
+                             f"rejected of {m['seen']} seen{err}")
     finally:
         for w in open_shards.values():
             w.abort()
@@ -400,11 +364,11 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
     if assemble is not False and all_done:
         manifest = lat.assemble_manifest(out_dir, identity, expected_shards=list(names))
         result["manifest"] = str(out_dir / lat.MANIFEST)
-        print(f"[precompute] dataset: {manifest['written']} written, {sum(manifest['rejected'].values())} rejected "
-              f"of {manifest['seen']} seen, {len(manifest['parts'])} parts -> {out_dir / lat.MANIFEST}", flush=True)
+        log.info(f"dataset: {manifest['written']} written, {sum(manifest['rejected'].values())} rejected "
+                 f"of {manifest['seen']} seen, {len(manifest['parts'])} parts -> {out_dir / lat.MANIFEST}")
     elif not all_done:
-        print(f"[{what}] done; the dataset manifest is assembled by the task that finishes last "
-              f"(or `latentforge precompute --assemble`)", flush=True)
+        log.info(f"{what}: done; the dataset manifest is assembled by the task that finishes last "
+                 f"(or `latentforge precompute --assemble`)")
     return result
 
 
@@ -431,8 +395,8 @@ def verify(cfg: Config) -> list[str]:
     for i, (name, url) in enumerate(names.items()):
         if time.monotonic() - last > 10:  # reading every part back takes a while on a big dataset
             last = time.monotonic()
-            print(f"[verify] {i}/{len(names)} raw shards checked, {i / (last - t0):.1f} shards/s, "
-                  f"{len(problems)} problem(s) so far", flush=True)
+            log.info(f"verify: {i}/{len(names)} raw shards checked, {i / (last - t0):.1f} shards/s, "
+                     f"{len(problems)} problem(s) so far")
         mp = lat.shard_manifest_path(out_dir, name)
         if not mp.exists():
             problems.append(f"{name}: not precomputed ({url})")
@@ -448,7 +412,7 @@ def verify(cfg: Config) -> list[str]:
             if not pp.exists():
                 problems.append(f"{name}: missing part {pp}")
                 continue
-            if "sha256" in part and lat.sha256_path(pp) != part["sha256"]:
+            if "sha256" in part and sha256_file(pp, cache=False) != part["sha256"]:
                 problems.append(f"{name}: {pp.name} is corrupt (sha256 differs from the manifest's)")
                 continue
             try:

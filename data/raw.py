@@ -92,7 +92,7 @@ class RawConfig:
 
     @classmethod
     def from_data_config(cls, data: Any) -> RawConfig:
-        """From `latentforge.training.config.DataConfig` (max_pixels if it has the field)."""
+        """From `latentforge.config.DataConfig` (max_pixels if it has the field)."""
         kw: dict[str, Any] = dict(resolution=data.resolution, min_size=data.min_size, max_aspect=data.max_aspect)
         if hasattr(data, "max_pixels"):
             kw["max_pixels"] = data.max_pixels

@@ -35,7 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from latentforge.training.fileio import atomic_write
+from latentforge.config import Config
+from latentforge.fileio import atomic_open, atomic_write
+from latentforge.log import get_logger
+
+log = get_logger("synth")
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Named colours, chosen far apart in RGB from each other and from every background
@@ -243,16 +247,11 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard
         raise ValueError(f"out_dir: {out} already holds other shards ({', '.join(p.name for p in stray[:3])}"
                          f"{', ...' if len(stray) > 3 else ''}); use an empty folder")
     for i, path in enumerate(paths):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for index in range(i * samples_per_shard, min((i + 1) * samples_per_shard, num_samples)):
-                    key, files = make_sample(index, image_size, seed)
-                    for ext in sorted(files):
-                        _add(tar, f"{key}.{ext}", files[ext])
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(i * samples_per_shard, min((i + 1) * samples_per_shard, num_samples)):
+                key, files = make_sample(index, image_size, seed)
+                for ext in sorted(files):
+                    _add(tar, f"{key}.{ext}", files[ext])
     return paths
 
 
@@ -284,6 +283,17 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
     paths = write_shards(out, num_samples, samples_per_shard, image_size, seed)
     atomic_write(stamp, json.dumps(args, sort_keys=True))
     return paths
+
+
+def ensure_synth(cfg: Config) -> None:
+    """The embedded default dataset: synthesize it into RUN_ROOT/synth on first use when
+    data.raw_shards is empty (a no-op when the shards are already there)."""
+    if cfg.data.raw_shards:
+        return
+    out = Path(cfg.run_root) / "synth"
+    s = cfg.synth
+    log.info(f"{s.num_samples} synthetic images in {out}")
+    ensure_shards(out, s.num_samples, s.samples_per_shard, s.image_size, s.seed)
 
 
 def fixed_prompts(n: int, seed: int = 0) -> list[str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -40,8 +39,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from latentforge.data.codecs import parse_dtype, resolve_dtype_name, sha256_file
-from latentforge.training.config import TextConfig
+from latentforge.config import TextConfig
+from latentforge.data.codecs import parse_dtype, resolve_dtype_name
+from latentforge.fileio import atomic_write
+from latentforge.hashing import sha256_file
 
 TINY = "tiny"
 TINY_OPEN_CLIP_NAME = "latentforge-tiny"  # the name it is registered under in open_clip
@@ -83,10 +84,7 @@ def register_tiny() -> None:
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{TINY_OPEN_CLIP_NAME}.json"
         if not path.is_file() or path.read_text() != blob:
-            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+            atomic_write(path, blob)
         open_clip.add_model_config(path)
 
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from latentforge.training import dist
+from latentforge import dist
 
 CLIP_CONFIG_KEY = "eval.clip_pretrained"  # the config field callers read `pretrained` from
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -75,10 +75,10 @@ class ClipScorer:
         generated state (a pure function of the seed). For the eval protocol. Computed
         once, on first use (ViT-B-32 is ~600 MB to hash)."""
         if self._weights_sha256 is None:
-            from latentforge.data.codecs import sha256_file, sha256_files
+            from latentforge.hashing import sha256_file, sha256_files, state_dict_sha256
 
             if self.source is None:
-                self._weights_sha256 = _state_dict_sha256(self.model)
+                self._weights_sha256 = state_dict_sha256(self.model)
             elif self.source.startswith(LOCAL_DIR_PREFIX):
                 d = Path(self.source[len(LOCAL_DIR_PREFIX):])
                 files = [p for pat in ("*.safetensors", "*.bin", "*.pth") for p in d.glob(pat)]
@@ -158,15 +158,6 @@ def mean_over_ranks(total: float, count: int) -> float:
     return total_all / count_all
 
 
-def _state_dict_sha256(module: torch.nn.Module) -> str:
-    """sha256 over names and bytes of a module's state: the identity of random weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _check_local_dir(directory: str) -> None:

@@ -38,7 +38,6 @@ weights, so it needs no collectives inside the forward pass, whatever the ZeRO s
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -48,70 +47,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentforge import dist
+from latentforge.config import Config
 from latentforge.data import latents as lat
 from latentforge.data.loader import Finalize, finalize
-from latentforge.training import dist
-from latentforge.training.config import Config
+from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
+from latentforge.fileio import write_json
+from latentforge.log import get_logger
 from latentforge.training.unet import build_unet, unet_forward
 
-
-def default_prompts(cfg: Config) -> list[str]:
-    if cfg.eval.prompts:
-        return list(cfg.eval.prompts)
-    from latentforge.data.synth import fixed_prompts
-
-    return fixed_prompts(cfg.eval.num_prompts, seed=cfg.eval.seed)
-
-
-def noise_for(seed: int, prompt_index: int, image_index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The fixed initial noise of grid cell (prompt, image): the same at every eval and on
-    any number of ranks, so grids are comparable across steps."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + prompt_index * 1009 + image_index)
-    return torch.randn(shape, generator=g)
-
-
-def fid_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The fixed initial noise of image `index` of the FID set: a pure function of
-    (seed, index), so the set is the same on any number of ranks and at every eval."""
-    state = np.random.SeedSequence([seed, index, 0xF1D]).generate_state(2, np.uint32)
-    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn(shape, generator=g)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
-
-
-def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 3, H, W) torch.uint8 on the CPU: what FID and CLIP take."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def make_grid(images: np.ndarray, prompts: list[str], per_prompt: int, cell: int = 96) -> "Image.Image":
-    """One row per prompt, its text on the left, `per_prompt` images upscaled to `cell` px."""
-    from PIL import Image, ImageDraw
-
-    label_w = 330
-    rows = len(prompts)
-    grid = Image.new("RGB", (label_w + per_prompt * (cell + 4), rows * (cell + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i, prompt in enumerate(prompts):
-        y = i * (cell + 4)
-        words, lines, line = prompt.split(), [], ""
-        for w in words:  # wrap the prompt to the label column
-            if len(line) + len(w) + 1 > 48:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for k, text in enumerate(lines):
-            draw.text((4, y + 4 + 12 * k), text, fill=(0, 0, 0))
-        for j in range(per_prompt):
-            im = Image.fromarray(images[i * per_prompt + j]).resize((cell, cell), Image.NEAREST)
-            grid.paste(im, (label_w + j * (cell + 4), y))
-    return grid
+log = get_logger("eval")
 
 
 @dataclass
@@ -196,7 +141,7 @@ class Evaluator:
         weights) once per process, on rank 0."""
         if what not in self._announced:
             self._announced.add(what)
-            dist.print0(f"[eval] {msg}")
+            log.info(msg)
 
     def _load_heldout(self, parts: list[dict]) -> dict[str, torch.Tensor] | None:
         """This rank's share of the first `eval.heldout_samples` held-out latents."""
@@ -223,7 +168,7 @@ class Evaluator:
         """This rank's share of the first eval.fid_num_images held-out samples (file order)."""
         if self._fid_set is not None:
             return self._fid_set
-        from latentforge.data.codecs import sha256_file
+        from latentforge.hashing import sha256_file
 
         want = self.cfg.eval.fid_num_images
         rank, world = dist.rank(), dist.world_size()
@@ -246,8 +191,8 @@ class Evaluator:
                     means.append(torch.from_numpy(rec.mean.astype(np.float32)))
                 n += 1
         if n < want:
-            dist.print0(f"[eval] eval.fid_num_images={want} but only {n} held-out latents exist: FID uses {n} "
-                        f"(the protocol records the count)")
+            log.info(f"eval.fid_num_images={want} but only {n} held-out latents exist: FID uses {n} "
+                     f"(the protocol records the count)")
         # The dataset identity: the encoders' identity hash and the bytes of every file the
         # samples came from. Hashed on rank 0 (cached per process) and broadcast, so every
         # rank uses the identical key.
@@ -315,7 +260,7 @@ class Evaluator:
         metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
                                 else "raw")
         metrics["eval/time_s"] = time.monotonic() - t0
-        dist.print0(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
 
     @torch.no_grad()
@@ -437,8 +382,8 @@ class Evaluator:
                      "source": "heldout-latents/posterior-mean/codec-decode/uint8"}
 
         def compute() -> Any:
-            dist.print0(f"[eval] FID reference statistics: {fs.total} held-out images at {resolution} px "
-                        f"(computed once, cached in {cache_dir})")
+            log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
+                     f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
             for i in range(0, fs.means.shape[0], bs):
                 pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
@@ -480,8 +425,8 @@ class Evaluator:
             if time.monotonic() - last > 10 or done == n_mine:  # progress on long FID runs
                 last = time.monotonic()
                 rate = done / max(last - t0, 1e-9)
-                dist.print0(f"[eval] FID set (cfg {cfg_scale:g}): rank 0 {done}/{n_mine} images, {rate:.2f} "
-                            f"images/s per rank, ETA {(n_mine - done) / max(rate, 1e-9) / 60:.1f} min")
+                log.info(f"FID set (cfg {cfg_scale:g}): rank 0 {done}/{n_mine} images, {rate:.2f} "
+                         f"images/s per rank, ETA {(n_mine - done) / max(rate, 1e-9) / 60:.1f} min")
         stats.all_reduce()
         value = fid.fid_from_stats(stats, ref)
         metrics = {inception.metric_name: value}
@@ -559,9 +504,7 @@ class Evaluator:
             return
         path = self.out_dir / "eval" / f"protocol_step_{step:08d}{suffix}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(protocol, indent=1, sort_keys=True, default=str) + "\n")
-        tmp.replace(path)
+        write_json(path, protocol)
         tracker.log_artifact(path, "eval")
         if self._params_logged:
             return

@@ -57,8 +57,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from latentforge.training import dist
-from latentforge.training.fileio import atomic_write
+from latentforge import dist
+from latentforge.fileio import atomic_write
+from latentforge.hashing import json_sha256, state_dict_sha256
 
 FID_PROTOCOL = "inception-v3-compat/pool3-2048/uint8-native-res/tf1-bilinear-299/v1"
 FEATURE_DIM = 2048  # Inception-v3 pool3
@@ -246,13 +247,6 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
-def _state_dict_sha256(module: nn.Module) -> str:
-    """sha256 over names and bytes of a module's state: the identity of random weights."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _seeded_init_(module: nn.Module, seed: int) -> None:
@@ -322,7 +316,7 @@ def load_inception(weights_path: str | os.PathLike | None, device: torch.device 
         extractor.is_random = True
         extractor.random_init_seed = int(random_init_seed)
         extractor.weights_path = None
-        extractor.weights_sha256 = _state_dict_sha256(extractor)
+        extractor.weights_sha256 = state_dict_sha256(extractor)
         extractor.metric_name = "eval/fid_randinit"
         return extractor.to(device).eval()
 
@@ -409,8 +403,7 @@ def _full_key_parts(key_parts: dict[str, Any]) -> dict[str, Any]:
 
 def reference_key(key_parts: dict[str, Any]) -> str:
     """The cache key: sha256 (first 24 hex digits) of the key parts as canonical JSON."""
-    blob = json.dumps(_full_key_parts(key_parts), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
+    return json_sha256(_full_key_parts(key_parts), length=24, compact=True)
 
 
 def _try_load(path: Path, parts: dict[str, Any]) -> FeatureStats | None:

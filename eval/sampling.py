@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentforge.training.config import DiffusionConfig
+from latentforge.config import DiffusionConfig
 from latentforge.training.diffusion import FLOW_TIME_SCALE, ModelFn, Schedule, pred_to_x0_eps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N, C, H, W), t (N,)) -> output

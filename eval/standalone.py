@@ -15,9 +15,9 @@ run_root is not given, it is taken from where the run directory is (RUN_ROOT/RUN
 so a run evaluated from another working directory still finds its latents, FID cache and
 MLflow store.
 
-Ranks: with nproc > 1 and no launcher, local ranks are started (launch/local.py); under
-SLURM, submitit or torchrun the ranks come from the environment (launch/env.py). A
-process group (gloo or NCCL, through training/dist.py) is joined only when the world has
+Ranks: with nproc > 1 and no launcher, local ranks are started (latentforge/spawn.py); under
+SLURM, submitit or torchrun the ranks come from the environment (latentforge/env.py). A
+process group (gloo or NCCL, through latentforge/dist.py) is joined only when the world has
 more than one rank; eval needs no DeepSpeed. A requeued eval job simply starts over.
 
 What it does: the held-out denoising loss once (it does not depend on guidance), then for
@@ -55,9 +55,12 @@ from typing import Any, Sequence
 
 import torch
 
-from latentforge.training import config as config_mod
-from latentforge.training import dist
-from latentforge.training.config import Config, ConfigError
+from latentforge import config as config_mod
+from latentforge import dist
+from latentforge.config import Config, ConfigError
+from latentforge.log import get_logger
+
+log = get_logger("eval")
 
 MODEL_SECTIONS = ("codec", "text", "model", "diffusion")  # what the weights were trained with
 
@@ -117,36 +120,20 @@ def inspect_target(target: str | Path) -> Target:
                             f"checkpoints/); `latentforge eval` takes RUN_DIR or EXPORT")
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def resolve_eval_config(target: Target, preset: str | None = None, config_file: str | None = None,
                         overrides: Sequence[str] = ()) -> Config:
     """The target's config, then `config_file`, then overrides; the model sections must not change."""
     base = config_mod.load_file(target.config_path)
     trained_preset = base.get("preset", "tiny")
     data = copy.deepcopy(base)
-    user: dict[str, Any] = {}
-    if config_file:
-        user = _merge(user, config_mod.load_file(config_file))
-    for item in overrides:
-        keys, value = config_mod.parse_override(item)
-        nested: dict[str, Any] = {}
-        cur = nested
-        for k in keys[:-1]:
-            cur = cur.setdefault(k, {})
-        cur[keys[-1]] = value
-        user = _merge(user, nested)
+    user = config_mod.merge(config_mod.load_file(config_file) if config_file else {},
+                            config_mod.overrides_dict(overrides))
     for name in (preset, user.pop("preset", None)):  # --preset, or preset in the file or overrides
         if name and name != trained_preset:
             raise ConfigError(f"preset: {target.path} was trained from preset {trained_preset!r}; eval takes the "
                               f"model from the target, so preset {name!r} cannot apply (override eval.* keys "
                               f"instead)")
-    cfg = config_mod.from_dict(_merge(data, user))
+    cfg = config_mod.from_dict(config_mod.merge(data, user))
     config_mod.validate(cfg)
     trained = config_mod.from_dict(base)
     if config_mod.config_hash(cfg, MODEL_SECTIONS) != config_mod.config_hash(trained, MODEL_SECTIONS):
@@ -190,36 +177,25 @@ def _load_export(target: Target, cfg: Config, device: torch.device) -> Loaded:
 
 def _load_run(target: Target, cfg: Config, device: torch.device) -> Loaded:
     from latentforge.training import checkpoint
-    from latentforge.training.unet import build_unet
+    from latentforge.training.state import overlay_ema
+    from latentforge.training.unet import unet_from_weights
 
     tag = checkpoint.latest_tag(target.path)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint.ckpt_dir(target.path)}: no complete checkpoint to evaluate")
     where = checkpoint.ckpt_dir(target.path) / tag
-    weights, client = checkpoint.consolidated_weights(target.path, tag)
-    for key in ("shapes", "null_text", "identity"):
-        if client.get(key) is None:
-            raise ValueError(f"{where}: checkpoint lacks {key!r} (written by an older latentforge); export it "
-                             f"or evaluate a newer checkpoint")
-    shapes = client["shapes"]
-    C, h, _ = shapes["latent"]
-    unet = build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{where}: weights do not fit the U-Net of {target.config_path}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    use_ema = cfg.eval.use_ema and bool(client.get("ema"))
+    weights, state = checkpoint.consolidated_weights(target.path, tag)
+    if not state.shapes or not state.identity or state.null_text is None:
+        raise ValueError(f"{where}: checkpoint lacks its shapes, identity or null text (written by an older "
+                         f"latentforge); export it or evaluate a newer checkpoint")
+    unet = unet_from_weights(cfg.model, state.shapes, weights, f"{where} (config {target.config_path})")
+    use_ema = cfg.eval.use_ema and bool(state.ema)
     if use_ema:
-        sd = unet.state_dict()
-        for k, v in client["ema"]["shadow"].items():
-            sd[k] = v
-        unet.load_state_dict(sd)
-    null = client["null_text"]
-    return Loaded(model=unet.to(device).float().eval().requires_grad_(False), step=int(client.get("step", 0)),
-                  weights="ema" if use_ema else "raw", shapes=shapes,
-                  null_text=(null["tokens"].float(), null["pooled"].float()),
-                  identity={"text": client["identity"].get("text"), "codec": client["identity"].get("codec")},
-                  mlflow_run_id=client.get("mlflow_run_id"), source=str(where))
+        overlay_ema(unet, state.ema["shadow"])
+    return Loaded(model=unet.to(device).float().eval().requires_grad_(False), step=state.step,
+                  weights="ema" if use_ema else "raw", shapes=state.shapes, null_text=state.null_embeddings(),
+                  identity={"text": state.identity.get("text"), "codec": state.identity.get("codec")},
+                  mlflow_run_id=state.mlflow_run_id, source=str(where))
 
 
 def _check_encoders(loaded: Loaded, encoders: Any) -> None:
@@ -259,7 +235,7 @@ def _scale_name(s: float) -> str:
 
 def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     """Load, evaluate at every CFG scale, log to MLflow. Collective: every rank calls it."""
-    from latentforge.data.precompute import build_encoders
+    from latentforge.data.encoders import build_encoders
     from latentforge.eval.evaluate import Evaluator
     from latentforge.training.diffusion import Schedule
     from latentforge.training.tracking import Tracker
@@ -272,7 +248,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     heldout_parts, note = _heldout_parts(cfg, encoders)
     notes = [note] if note else []
     if note:
-        dist.print0(f"[eval] {note}")
+        log.info(note)
     out_dir = target.path / "eval" / f"step_{loaded.step:08d}"
     evaluator = Evaluator(cfg, encoders, loaded.shapes, heldout_parts, loaded.null_text,
                           target.run_dir or target.path, Schedule.from_config(cfg.diffusion), out_dir=out_dir)
@@ -292,8 +268,8 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     tracker.log_params(config_mod.flatten(cfg))
 
     scales = sweep_scales(cfg)
-    dist.print0(f"[eval] {target.path} ({target.kind}, step {loaded.step}, {loaded.weights} weights), "
-                f"{dist.world_size()} rank(s), CFG scales {', '.join(f'{s:g}' for s in scales)}")
+    log.info(f"{target.path} ({target.kind}, step {loaded.step}, {loaded.weights} weights), "
+             f"{dist.world_size()} rank(s), CFG scales {', '.join(f'{s:g}' for s in scales)}")
     rows: list[dict[str, float]] = []
     heldout: dict[str, float] = {}
     plot: Path | None = None
@@ -312,7 +288,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
                                 step=loaded.step)
             if s == cfg.eval.cfg_scale:
                 tracker.log_metrics(m, step=loaded.step)  # the names periodic eval uses
-            dist.print0(f"[eval] cfg {s:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())))
+            log.info(f"cfg {s:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())))
         fid_metric = next((k for k in ("eval/fid", "eval/fid_randinit") if rows and k in rows[0]), None)
         clip_metric = next((k for k in ("eval/clip_score", "eval/clip_score_randinit") if rows and k in rows[0]),
                            None)
@@ -334,7 +310,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
         status = "FINISHED"
     finally:
         tracker.finish(status)
-    dist.print0(f"[eval] done in {time.monotonic() - t_start:.1f}s")
+    log.info(f"done in {time.monotonic() - t_start:.1f}s")
     return SweepResult(target=str(target.path), step=loaded.step, rows=rows, heldout=heldout, fid_metric=fid_metric,
                        clip_metric=clip_metric, run_id=tracker.run_id,
                        parent_run_id=loaded.mlflow_run_id, out_dir=out_dir, plot=plot, notes=notes)
@@ -400,15 +376,15 @@ def main(target: str, preset: str | None = None, config_file: str | None = None,
     """`latentforge eval TARGET [--config FILE] [--preset P] [k=v ...]`; returns the exit code."""
     tgt = inspect_target(target)
     cfg = resolve_eval_config(tgt, preset, config_file, overrides)
-    from latentforge.launch import local
+    from latentforge import spawn
 
     # Under submitit the job's tasks are the ranks (launch/jobs.py EvalJob calls this in
     # every task); spawning nproc local ranks from each task would run the eval twice over.
-    if local.should_spawn(cfg.nproc) and not os.environ.get("SUBMITIT_EXECUTOR"):
+    if spawn.should_spawn(cfg.nproc) and not os.environ.get("SUBMITIT_EXECUTOR"):
         argv = ["eval", str(tgt.path)] + (["--config", config_file] if config_file else []) + \
                (["--preset", preset] if preset else []) + list(overrides) + [f"nproc={cfg.nproc}"]
-        return local.spawn(argv, cfg.nproc)
-    from latentforge.launch.env import apply, discover
+        return spawn.spawn(argv, cfg.nproc)
+    from latentforge.env import apply, discover
 
     env = discover()
     joined = env.world_size > 1

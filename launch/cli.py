@@ -34,7 +34,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
-    from latentforge.training.config import resolve
+    from latentforge.config import resolve
 
     return resolve(args.preset, args.config, args.overrides)
 
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    from latentforge.config import SynthConfig
     from latentforge.data.synth import write_shards
-    from latentforge.training.config import SynthConfig
 
     d = SynthConfig()
     paths = write_shards(args.out, num_samples=args.num or d.num_samples,
@@ -140,20 +140,6 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     print(inspect(args.latent_dir))
     return 0
-
-
-def ensure_synth(cfg: Any) -> None:
-    """The embedded default dataset: synthesize it on first use when data.raw_shards is empty."""
-    if cfg.data.raw_shards:
-        return
-    from pathlib import Path
-
-    from latentforge.data.synth import ensure_shards
-
-    out = Path(cfg.run_root) / "synth"
-    s = cfg.synth
-    print(f"[synth] {s.num_samples} synthetic images in {out}", flush=True)
-    ensure_shards(out, s.num_samples, s.samples_per_shard, s.image_size, s.seed)
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -175,6 +161,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     index = env_index if args.task_index is None else args.task_index
     count = env_count if args.num_tasks is None else args.num_tasks
     if count == 1:
+        from latentforge.data.synth import ensure_synth
+
         ensure_synth(cfg)
     precompute.run(cfg, task_index=index, num_tasks=count)
     return 0
@@ -184,19 +172,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.nproc is not None:
         cfg.nproc = args.nproc
-    from latentforge.launch import local
+    from latentforge import spawn
 
-    if local.should_spawn(cfg.nproc):
+    if spawn.should_spawn(cfg.nproc):
         argv = ["train"] + (["--config", args.config] if args.config else []) + \
                (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
-        return local.spawn(argv, cfg.nproc)
-    from latentforge.launch.env import apply, discover
+        return spawn.spawn(argv, cfg.nproc)
+    from latentforge.env import apply, discover
 
     apply(discover())
+    from latentforge.eval.evaluate import Evaluator
     from latentforge.training.loop import train
 
-    result = train(cfg)
-    return local.REQUEUE_EXIT_CODE if result.preempted else 0
+    result = train(cfg, make_evaluator=Evaluator)
+    return spawn.REQUEUE_EXIT_CODE if result.preempted else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -214,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from latentforge.training.export import sample_from_export
+    from latentforge.eval.sample import sample_from_export
 
     path = sample_from_export(args.model, args.prompt, args.out, n=args.n, steps=args.steps,
                               cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw)
@@ -231,7 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from latentforge.launch.submit import status
+    from latentforge.launch.status import status
 
     print(status(args.run_dir))
     return 0
@@ -275,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = args.overrides + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from latentforge.training.config import AbortError, ConfigError
+    from latentforge.config import AbortError, ConfigError
+    from latentforge.log import configure
 
+    configure()
     try:
         if args.command == "data":
             return cmd_data_synth(args) if args.data_command == "synth" else cmd_data_inspect(args)

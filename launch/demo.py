@@ -10,32 +10,37 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from latentforge.log import get_logger
+
+log = get_logger("demo")
+
 
 def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
-    from latentforge.launch import local
-    from latentforge.launch.cli import ensure_synth
-    from latentforge.training.config import resolve
+    from latentforge import spawn
+    from latentforge.config import resolve
+    from latentforge.data.synth import ensure_synth
 
     t0 = time.monotonic()
     base = [f"run_root={run_root}", "run_name=demo", "nproc=2", *(overrides or [])]
     cfg = resolve("tiny", None, base)
 
-    print("== 1/4 synthetic data", flush=True)
+    log.info("1/4 synthetic data")
     ensure_synth(cfg)
 
-    print("== 2/4 precompute", flush=True)
+    log.info("2/4 precompute")
     from latentforge.data import precompute
 
     precompute.run(cfg)
 
-    print("== 3/4 train (2 local ranks, DeepSpeed ZeRO-2 on CPU)", flush=True)
-    code = local.spawn(["train", "--preset", "tiny", *base], cfg.nproc)
+    log.info("3/4 train (2 local ranks, DeepSpeed ZeRO-2 on CPU)")
+    code = spawn.spawn(["train", "--preset", "tiny", *base], cfg.nproc)
     if code != 0:
-        print(f"demo: training failed with exit code {code}")
+        log.error(f"training failed with exit code {code}")
         return code
 
-    print("== 4/4 export and sample", flush=True)
-    from latentforge.training.export import export, sample_from_export
+    log.info("4/4 export and sample")
+    from latentforge.eval.sample import sample_from_export
+    from latentforge.training.export import export
 
     run_dir = cfg.resolved_run_dir
     out = export(run_dir, run_dir / "export")

@@ -43,7 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REQUEUE_EXIT_CODE = 3  # the same code `latentforge train` returns after a preemption save (launch/local.py)
+from latentforge.log import ALL_RANKS, get_logger
+from latentforge.log import configure as configure_logging
+from latentforge.spawn import REQUEUE_EXIT_CODE
+
+log = get_logger("job")
+
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 # Signals that arrived before the training loop's STOP flag existed (torch not imported yet).
@@ -101,7 +106,7 @@ class ConfigSource:
     cwd: str = field(default_factory=os.getcwd)  # relative paths in the config resolve from here
 
     def resolve(self) -> Any:
-        from latentforge.training.config import resolve
+        from latentforge.config import resolve
 
         return resolve(self.preset, self.config_file, list(self.overrides))
 
@@ -113,10 +118,10 @@ class ConfigSource:
 
 
 def _latest_step(run_dir: Path) -> int:
-    from latentforge.training import checkpoint
+    from latentforge.training import ckpt_layout
 
-    tag = checkpoint.latest_tag(run_dir)
-    return int(checkpoint.meta(run_dir, tag)["step"]) if tag else 0
+    tag = ckpt_layout.latest_tag(run_dir)
+    return int(ckpt_layout.meta(run_dir, tag)["step"]) if tag else 0
 
 
 def _delayed(fn: Any, *args: Any) -> Any:
@@ -135,21 +140,25 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         t_start = time.time()
         take_over_stop_signals()  # before any slow import: a USR2 now is only recorded
+        configure_logging()
         self.source.enter()
-        from latentforge.launch.env import apply, discover
+        from latentforge.env import apply, discover
 
         env = discover()
         apply(env)
         cfg = self.source.resolve()
-        from latentforge.training import dist, loop
+        from latentforge import dist
+        from latentforge.training import loop
 
         hand_over_to(loop.STOP)
         run_dir = cfg.resolved_run_dir
         before = _latest_step(run_dir)
-        print(f"[job] train rank {env.rank}/{env.world_size} ({env.source}, master {env.master_addr}:"
-              f"{env.master_port}), run {run_dir}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}, "
-              f"resuming from step {before}", flush=True)
-        result = loop.train(cfg)
+        log.info(f"train rank {env.rank}/{env.world_size} ({env.source}, master {env.master_addr}:"
+                 f"{env.master_port}), run {run_dir}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}, "
+                 f"resuming from step {before}", extra=ALL_RANKS)
+        from latentforge.eval.evaluate import Evaluator
+
+        result = loop.train(cfg, make_evaluator=Evaluator)
         out = {"rank": env.rank, "step": result.step, "run_dir": str(result.run_dir),
                "mlflow_run_id": result.mlflow_run_id, "preempted": result.preempted}
         if not result.preempted:
@@ -160,8 +169,8 @@ class TrainJob:
         dist.destroy()
         if env.rank != 0:
             # Rank 0 decides; no result file here, so a requeued job is not read as done.
-            print(f"[job] rank {env.rank}: checkpointed at step {result.step}; rank 0 decides the requeue",
-                  flush=True)
+            log.info(f"rank {env.rank}: checkpointed at step {result.step}; rank 0 decides the requeue",
+                     extra=ALL_RANKS)
             sys.exit(REQUEUE_EXIT_CODE)
         if signal.SIGUSR2 not in signums:
             names = ", ".join(signal.Signals(s).name for s in sorted(signums)) or "a stop signal"
@@ -192,8 +201,8 @@ class TrainJob:
         nxt.set_timeout(current._timeout_min, countdown)
         with su.temporary_save_path(paths.submitted_pickle) as tmp:
             nxt.dump(tmp)
-        print(f"[job] {'timed out' if timed_out else 'preempted'}: checkpointed at step {step}; requeueing job "
-              f"{jenv.job_id} ({countdown} timeout(s) left)", flush=True)
+        log.info(f"{'timed out' if timed_out else 'preempted'}: checkpointed at step {step}; requeueing job "
+                 f"{jenv.job_id} ({countdown} timeout(s) left)")
         jenv._requeue(countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144, the controller restarts
         sys.exit(REQUEUE_EXIT_CODE)
 
@@ -217,6 +226,7 @@ class EvalJob:
     target: str  # RUN_DIR or an export directory (absolute)
 
     def __call__(self) -> int:
+        configure_logging()
         self.source.enter()
         from latentforge.eval.standalone import main  # late: another module's heavy imports
 
@@ -243,6 +253,7 @@ class PrecomputeJob:
     num_tasks: int
 
     def __call__(self, task_index: int) -> dict[str, Any]:
+        configure_logging()
         self.source.enter()
         cfg = self.source.resolve()
         from latentforge.data import precompute

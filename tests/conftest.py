@@ -12,13 +12,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
-
-
 # ---------------------------------------------------------------------------------------
 # A tiny latent dataset shared by the end-to-end tests: synthetic shapes -> precompute.
-
 import pytest  # noqa: E402
+from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
 
 # Small enough for CPU tests: 32 px images, the tiny preset's pixel codec,
 # a (32, 64) U-Net, the tiny random open_clip. The tests train the eps objective (the
@@ -39,9 +36,9 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """(run_root, overrides): synthetic raw shards and their latents, made once per session."""
+    from latentforge.config import resolve
     from latentforge.data import precompute
-    from latentforge.launch.cli import ensure_synth
-    from latentforge.training.config import resolve
+    from latentforge.data.synth import ensure_synth
 
     root = tmp_path_factory.mktemp("tiny_data")
     overrides = [f"run_root={root}", *TINY_OVERRIDES]

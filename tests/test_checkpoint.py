@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from latentforge.config import ConfigError
 from latentforge.training import checkpoint
-from latentforge.training.config import ConfigError
+from latentforge.training.state import TrainState
 
 
 def _complete(run_dir: Path, step: int, world_size: int = 2, zero_stage: int = 2, universal: bool = False) -> Path:
@@ -49,7 +50,7 @@ class FakeEngine:
 
 def test_save_moves_latest_only_when_complete_and_keeps_last_k(tmp_path):
     for step in (10, 20, 30):
-        checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep_last=2)
+        checkpoint.save(FakeEngine(), tmp_path, TrainState(step=step), keep_last=2)
     ck = checkpoint.ckpt_dir(tmp_path)
     assert checkpoint.latest_tag(tmp_path) == "step_00000030" == (ck / "latest").read_text()
     assert checkpoint.complete_tags(tmp_path) == ["step_00000020", "step_00000030"]  # step 10 pruned
@@ -57,18 +58,18 @@ def test_save_moves_latest_only_when_complete_and_keeps_last_k(tmp_path):
     assert (ck / "step_00000030" / "rank_00000.pt").is_file()  # this rank's RNG
 
     with pytest.raises(KeyboardInterrupt):  # dies after DeepSpeed's files, before COMPLETE and latest
-        checkpoint.save(FakeEngine(crash=True), tmp_path, 40, {"step": 40}, keep_last=2)
+        checkpoint.save(FakeEngine(crash=True), tmp_path, TrainState(step=40), keep_last=2)
     assert (ck / "step_00000040" / "mp_rank_00_model_states.pt").is_file()
     assert not (ck / "step_00000040" / "COMPLETE").exists()
     assert checkpoint.latest_tag(tmp_path) == "step_00000030"  # the previous checkpoint is the one
-    assert checkpoint.client_state(tmp_path)["step"] == 30
+    assert checkpoint.client_state(tmp_path).step == 30
     assert checkpoint.plan_resume(tmp_path, 1, 2).tag == "step_00000030"
 
     # Start-up removes the stale partial directory; a retried save of that step also would.
     (ck / ".step_00000030_universal.tmp").mkdir()  # a crashed universal conversion
     assert checkpoint.clean_partial(tmp_path) == [".step_00000030_universal.tmp", "step_00000040"]
     assert checkpoint.complete_tags(tmp_path) == ["step_00000020", "step_00000030"]
-    checkpoint.save(FakeEngine(), tmp_path, 40, {"step": 40}, keep_last=2)
+    checkpoint.save(FakeEngine(), tmp_path, TrainState(step=40), keep_last=2)
     assert checkpoint.latest_tag(tmp_path) == "step_00000040"
 
 
@@ -160,7 +161,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_and_on_demand_saves(tiny_data
     # On demand: the SAVE_NOW file at step 1 (then removed), SIGUSR1 a step or two after step 5.
     assert "[train] on-demand checkpoint at step 1\n" in log
     assert not (run_dir / checkpoint.SAVE_NOW).exists()
-    asked = [int(line.split()[-1]) for line in log.splitlines() if line.startswith("[train] on-demand checkpoint")]
+    asked = [int(line.split()[-1]) for line in log.splitlines() if "[train] on-demand checkpoint" in line]
     assert len(asked) == 2 and 5 <= asked[1] < 12, asked
 
     ck = run_dir / "checkpoints"
@@ -170,7 +171,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_and_on_demand_saves(tiny_data
     assert checkpoint.complete_tags(run_dir) == sorted({"step_00000001", f"step_{asked[1]:08d}", "step_00000004",
                                                          "step_00000008"})
     weights, client = checkpoint.consolidated_weights(run_dir)  # the previous checkpoint is usable
-    assert client["step"] == 8 and all(torch.isfinite(v).all() for v in weights.values())
+    assert client.step == 8 and all(torch.isfinite(v).all() for v in weights.values())
     plan = checkpoint.plan_resume(run_dir, 2, 2)
     assert (plan.tag, plan.universal) == ("step_00000008", False)
     assert checkpoint.clean_partial(run_dir) == ["step_00000012"]
@@ -182,8 +183,9 @@ def test_crash_mid_save_leaves_previous_checkpoint_and_on_demand_saves(tiny_data
 
 @pytest.mark.slow
 def test_ckpt_universal_command_converts_and_flags_the_next_start(train_run, tmp_path):
-    from latentforge.launch.cli import main
     from test_trainer import ZERO_RUNS
+
+    from latentforge.launch.cli import main
 
     src, _ = train_run(*ZERO_RUNS[3])  # ZeRO-3: per-rank model and optimizer files
     run_dir = tmp_path / "run"

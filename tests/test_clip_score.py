@@ -141,7 +141,7 @@ _RANK_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     torch.set_num_threads(1)
-    from latentforge.training import dist
+    from latentforge import dist
     from latentforge.eval import clip_score as cs
 
     folder, out = sys.argv[1], sys.argv[2]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentforge.data.codecs import CodecWeightsNotFound, PixelCodec, build_codec, sha256_file
-from latentforge.training.config import CodecConfig
+from latentforge.config import CodecConfig
+from latentforge.data.codecs import CodecWeightsNotFound, PixelCodec, build_codec
+from latentforge.hashing import sha256_file
 
 
 def _uint8_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from latentforge.training import config as C
+from latentforge import config as C
 
 
 def test_presets_resolve_and_validate():

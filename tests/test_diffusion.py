@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from latentforge.config import ConfigError, DiffusionConfig
 from latentforge.training import diffusion as D
-from latentforge.training.config import ConfigError, DiffusionConfig
 
 
 def gen(seed: int = 0) -> torch.Generator:

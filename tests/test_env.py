@@ -1,4 +1,4 @@
-"""Rank discovery (launch/env.py) for every launcher, with monkeypatched environments."""
+"""Rank discovery (latentforge/env.py) for every launcher, with monkeypatched environments."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from latentforge.launch import env
-from latentforge.launch.env import DistEnv, apply, discover, expand_nodelist
+from latentforge import env
+from latentforge.env import DistEnv, apply, discover, expand_nodelist
 
 # Everything any launcher may have left in the environment of the process running pytest.
 _PREFIXES = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_")
@@ -103,7 +103,7 @@ def test_deepspeed_launcher(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_local_launcher_variables(clean_env: pytest.MonkeyPatch) -> None:
-    # launch/local.py sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_*.
+    # latentforge/spawn.py sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_*.
     _set(clean_env, RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
          MASTER_PORT=12345)
     assert discover() == DistEnv(1, 1, 2, 2, 0, "127.0.0.1", 12345, "env")
@@ -207,7 +207,7 @@ def test_submitit_slurm_job(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_submitit_local_job(clean_env: pytest.MonkeyPatch) -> None:
-    # What submitit's LocalExecutor controller gives task 1 of 2 (launch/local.py is not involved).
+    # What submitit's LocalExecutor controller gives task 1 of 2 (latentforge/spawn.py is not involved).
     _set(clean_env, SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=4242, SUBMITIT_LOCAL_NTASKS=2,
          SUBMITIT_LOCAL_GLOBALID=1, SUBMITIT_LOCAL_LOCALID=1, SUBMITIT_LOCAL_NODEID=0,
          SUBMITIT_LOCAL_JOB_NUM_NODES=1)
@@ -248,7 +248,7 @@ def test_apply_to_a_given_mapping() -> None:
 
 def test_launch_modules_stay_light() -> None:
     # Job pickles and `latentforge --help` import these; torch and submitit must stay out.
-    code = ("import sys; import latentforge.launch.env, latentforge.launch.profiles; "
+    code = ("import sys; import latentforge.env, latentforge.launch.profiles; "
             "heavy = [m for m in ('torch', 'submitit', 'deepspeed', 'yaml') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from latentforge.config import ConfigError
 from latentforge.eval import standalone
-from latentforge.training.config import ConfigError
 
 pytestmark = pytest.mark.slow
 

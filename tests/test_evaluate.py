@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from latentforge.eval import fid
-from latentforge.eval.evaluate import fid_noise
+from latentforge.eval.images import fid_noise
 
 
 def _mlflow(root: Path):

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-
 from test_trainer import ZERO_RUNS
 
 pytestmark = pytest.mark.slow
@@ -38,14 +37,14 @@ def test_exported_unets_hold_ema_and_consolidated_raw_weights(exported):
     ema_unet = UNet2DConditionModel.from_pretrained(out / "unet_ema", local_files_only=True)
     raw_unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
     ema_sd, raw_sd = ema_unet.state_dict(), raw_unet.state_dict()
-    shadow = client["ema"]["shadow"]
+    shadow = client.ema["shadow"]
     assert set(shadow) == set(raw) and set(raw) <= set(ema_sd)
     for name in raw:
         assert torch.equal(ema_sd[name], shadow[name]), name
         assert torch.equal(raw_sd[name], raw[name]), name
     assert sum(not torch.equal(ema_sd[k], raw_sd[k]) for k in raw) > len(raw) // 2
-    assert ema_unet.config.sample_size == client["shapes"]["latent"][1]
-    assert ema_unet.config.cross_attention_dim == client["shapes"]["text"][-1]
+    assert ema_unet.config.sample_size == client.shapes["latent"][1]
+    assert ema_unet.config.cross_attention_dim == client.shapes["text"][-1]
 
 
 def test_export_metadata_names_text_encoder_codec_and_scale(exported):
@@ -57,8 +56,8 @@ def test_export_metadata_names_text_encoder_codec_and_scale(exported):
     assert meta["checkpoint"] == checkpoint.latest_tag(run_dir) and meta["step"] == 16 and meta["ema"] is True
     assert meta["text_encoder"]["model"] == "tiny" and meta["text_encoder"]["layer"] == "penultimate"
     assert meta["codec"]["kind"] == "pixel"
-    assert meta["scale"] == client["scale"] and meta["shift"] == client["shift"]
-    assert meta["shapes"] == client["shapes"]
+    assert meta["scale"] == client.scale and meta["shift"] == client.shift
+    assert meta["shapes"] == client.shapes
     assert (out / "config.yaml").is_file() and (out / "null_text.npz").is_file()
 
 

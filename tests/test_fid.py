@@ -119,7 +119,7 @@ _RANK_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from latentforge.training import dist
+    from latentforge import dist
     from latentforge.eval import fid
 
     feats_path, split, out_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])

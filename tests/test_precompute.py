@@ -27,10 +27,11 @@ import pytest
 import torch
 from PIL import Image
 
+from latentforge.config import resolve
 from latentforge.data import latents as lat
-from latentforge.data import precompute, synth
+from latentforge.data import synth
+from latentforge.data.encoders import build_encoders
 from latentforge.launch.cli import main
-from latentforge.training.config import resolve
 
 R = 16  # resolution: the tiny VAE (2 levels, f2) gives 4 x 8 x 8 latents
 BATCH = 4
@@ -430,13 +431,14 @@ def test_two_tasks_equal_one_and_verify(tmp_path: Path, vae_run: dict, raw4: Pat
 
 def test_trainer_refuses_latents_from_another_codec_encoder_or_resolution(vae_run: dict,
                                                                         models: dict[str, Path]) -> None:
-    from latentforge.training.loop import build_data
+    from latentforge.training.loop import build_loader, open_latents
 
     def data_for(*extra: str):
         cfg = resolve("tiny", None, [*vae_run["overrides"], *extra])
-        return build_data(cfg, precompute.build_encoders(cfg), None, micro_batch=4)
+        encoders = build_encoders(cfg)
+        return build_loader(cfg, open_latents(cfg, encoders), encoders.codec, None, micro_batch=4)
 
-    loader, info = data_for()
+    loader = data_for()
     batch = next(iter(loader))
     assert batch["latents"].shape == (4, 4, 8, 8)
     with pytest.raises(ValueError, match=r"codec\.weights_sha256: latents have '[0-9a-f]{64}', config gives"):

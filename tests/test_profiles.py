@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from latentforge.launch import env as lfenv
+from latentforge import env as lfenv
 from latentforge.launch.profiles import PROFILES_DIR, Profile, ProfileError, load_profile
 
 SHIPPED = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))

@@ -307,7 +307,7 @@ def test_tensor_round_trip_is_exact():
 
 
 def test_raw_config_validation_and_from_data_config():
-    from latentforge.training.config import DataConfig
+    from latentforge.config import DataConfig
 
     cfg = RawConfig.from_data_config(DataConfig(resolution=64, min_size=32, max_aspect=2.5))
     assert (cfg.resolution, cfg.min_size, cfg.max_aspect, cfg.max_pixels) == (64, 32, 2.5, 64_000_000)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from latentforge.config import DiffusionConfig
 from latentforge.eval import sampling as S
 from latentforge.training import diffusion as D
-from latentforge.training.config import DiffusionConfig
 
 SHAPE = (64, 2, 4, 4)  # (N, C, H, W)
 SETUPS = {  # name -> DiffusionConfig kwargs

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import REPO, SlurmCluster
 
-from latentforge.launch import env as lfenv
-from slurm_cluster import REPO, SlurmCluster, slurm_cluster, slurm_env  # noqa: F401  (fixtures)
+from latentforge import env as lfenv
 
 pytestmark = pytest.mark.slurm
 
-# Each rank prints what launch/env.py discovers, as one JSON line.
-PROBE = ("import dataclasses, json, os; from latentforge.launch import env; "
+# Each rank prints what latentforge/env.py discovers, as one JSON line.
+PROBE = ("import dataclasses, json, os; from latentforge import env; "
          "print(json.dumps(dict(dataclasses.asdict(env.discover()), procid=os.environ['SLURM_PROCID'])))")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from latentforge.launch import jobs, submit
+from latentforge.launch import jobs, records, status, submit
 from latentforge.launch.cli import main
 from latentforge.launch.profiles import load_profile
 
@@ -128,12 +128,12 @@ def test_job_pickles_are_small_and_unpickle_without_torch(tmp_path: Path) -> Non
 def test_parse_sacct_counts_requeued_attempts() -> None:
     text = ("27|REQUEUED|00:00:42|0:0\n27|COMPLETED|00:01:44|0:0\n"
             "31_0|COMPLETED|00:00:11|0:0\n31_[1-3%2]|PENDING|00:00:00|0:0\n40|CANCELLED by 0|00:00:09|0:15\n")
-    states = submit.parse_sacct(text)
+    states = records.parse_sacct(text)
     assert states["27"] == {"state": "COMPLETED", "elapsed": "00:01:44", "exit_code": "0:0", "attempts": 2}
     assert states["40"]["state"] == "CANCELLED"
-    assert submit._state_of(states, "31_0")["state"] == "COMPLETED"
-    assert submit._state_of(states, "31_2")["state"] == "PENDING"  # still inside the pending range
-    assert submit._state_of(states, "31_7")["state"] == "UNKNOWN"
+    assert records.state_of(states, "31_0")["state"] == "COMPLETED"
+    assert records.state_of(states, "31_2")["state"] == "PENDING"  # still inside the pending range
+    assert records.state_of(states, "31_7")["state"] == "UNKNOWN"
 
 
 def test_task_ranges_print_compactly() -> None:
@@ -144,12 +144,12 @@ def test_local_job_state_from_pid_and_result_files(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     rec = {"job_id": str(dead.pid), "cluster": "local", "folder": str(tmp_path), "tasks": 2}
-    assert submit._local_state(rec)["state"].startswith("ENDED")
+    assert records._local_state(rec)["state"].startswith("ENDED")
     for t, outcome in ((0, "success"), (1, "error")):
         (tmp_path / f"{dead.pid}_{t}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
-    assert submit._local_state(rec)["state"] == "FAILED"
+    assert records._local_state(rec)["state"] == "FAILED"
     rec["job_id"] = str(os.getpid())  # a live process: still running
-    assert submit._local_state(rec)["state"] == "RUNNING"
+    assert records._local_state(rec)["state"] == "RUNNING"
 
 
 def _latent_tree(tmp_path: Path, names: list[str], done: list[str]) -> tuple[Path, str]:
@@ -168,8 +168,8 @@ def test_incomplete_tasks_follow_the_array_layout(tmp_path: Path) -> None:
     names = [f"{i:05d}" for i in range(5)]
     latent, spec = _latent_tree(tmp_path, names, done=["00000", "00001", "00002", "00004"])
     # 5 shards in 3 tasks: [0, 1], [2, 3], [4]; only 00003 is missing.
-    assert submit.task_shards(spec, 3) == [["00000", "00001"], ["00002", "00003"], ["00004"]]
-    assert submit.incomplete_tasks(latent, spec, 3) == [1]
+    assert records.task_shards(spec, 3) == [["00000", "00001"], ["00002", "00003"], ["00004"]]
+    assert records.incomplete_tasks(latent, spec, 3) == [1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_wait_reports_a_failed_job_and_why(tmp_path: Path, monkeypatch: pytest.M
     text = "\n".join(lines)
     assert f"job {sub.jobs[0].job_id} failed" in text and "train.max_steps: expected int, got 'ten'" in text, text
     assert json.loads((run / "jobs.jsonl").read_text())["kind"] == "eval"
-    assert "FAILED" in submit.status(run)
+    assert "FAILED" in status.status(run)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -287,7 +287,7 @@ def test_status_shows_state_step_and_log_tail(tmp_path: Path) -> None:
     rec = {"job_id": "123", "cluster": "local", "kind": "train", "folder": str(folder), "tasks": 1,
            "stdout": str(folder / "123_0_log.out"), "time": "2030-01-01T00:00:00"}
     (run_dir / "jobs.jsonl").write_text(json.dumps(rec) + "\nnot json\n")
-    text = submit.status(run_dir)
+    text = status.status(run_dir)
     assert "123" in text and "COMPLETED" in text
     assert "step 10 (checkpoint step_00000010, world size 2" in text
     assert "last progress line: [train] step 15/50" in text
@@ -298,9 +298,9 @@ def test_status_summarises_a_big_array(tmp_path: Path, monkeypatch: pytest.Monke
     states = {f"9_{i}": {"state": "COMPLETED", "attempts": 1} for i in range(10)}
     states["9_3"] = {"state": "FAILED", "attempts": 1}
     states["9_[10-11%4]"] = {"state": "PENDING", "attempts": 1}
-    monkeypatch.setattr(submit, "job_states", lambda records: (states, ""))
+    monkeypatch.setattr(records, "job_states", lambda recs: (states, ""))
     rec = {"job_id": "9", "kind": "precompute", "cluster": "slurm", "job_ids": [f"9_{i}" for i in range(12)]}
-    (line,) = submit._job_lines([rec])
+    (line,) = status._job_lines([rec])
     assert "array of 12: 9 COMPLETED, 1 FAILED, 2 PENDING; not completed: 9_3" in line
 
 
@@ -372,5 +372,5 @@ def test_local_processes_train_job_is_preempted_requeues_and_resumes(tiny_data, 
     assert "[job] rank 1: checkpointed at step 1" in (folder / f"{job.job_id}_1_log.out").read_text()
     assert f"[train] resumed from {run_dir / 'checkpoints' / 'step_00000001'} at step 1" in log
     assert [r["step"] for r in job.results()] == [15, 15]  # both ranks, after the restart
-    text = submit.status(run_dir)
+    text = status.status(run_dir)
     assert "COMPLETED" in text and "step 15 (checkpoint step_00000015" in text and "FINISHED" in text

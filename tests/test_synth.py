@@ -89,7 +89,7 @@ def test_render_attributes_are_unambiguous_in_the_pixels():
 
 
 def test_small_is_clearly_smaller_than_large():
-    (slo, shi), (llo, lhi) = synth.SIZE_RANGES["small"], synth.SIZE_RANGES["large"]
+    (_, shi), (llo, _) = synth.SIZE_RANGES["small"], synth.SIZE_RANGES["large"]
     assert shi / llo <= 0.6
 
 

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow_server import _free_port, live_mlflow_server, mlflow_server  # noqa: F401
 from PIL import Image
 
 from latentforge.training import runs
-from latentforge.training.tracking import (MAX_PARAM_VAL_LENGTH, TRUNCATION_MARKER, Tracker, run_key_for,
-                                           truncate)
-from mlflow_server import _free_port, live_mlflow_server, mlflow_server  # noqa: F401
+from latentforge.training.mlflow_store import MAX_PARAM_VAL_LENGTH, TRUNCATION_MARKER, truncate
+from latentforge.training.tracking import Tracker, run_key_for
 
 # Short intervals so outages and recoveries take fractions of a second.
 FAST = dict(flush_interval_s=0.1, retry_initial_s=0.1, retry_max_s=0.5, request_timeout_s=5,
@@ -275,8 +275,8 @@ def test_outage_loses_nothing_mid_run_or_at_start(live_mlflow_server, tmp_path: 
     assert run.data.params == {"optim.lr": "0.001"} and run.data.tags["note"] == "created late"
     assert _history(server.uri, late_id) == [(s, 10.0 - s) for s in range(10)]
     assert late.finish("KILLED")
-    err = capfd.readouterr().err
-    assert err.count("reachable again") == 2 and WARN_UNREACHABLE not in err
+    out, err = capfd.readouterr()
+    assert out.count("reachable again") == 2 and WARN_UNREACHABLE not in err  # recovery is INFO (stdout)
 
     # The late job died before a checkpoint stored its run id: the next job starts
     # without one, and the run key leads it back to the same run.

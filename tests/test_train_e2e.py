@@ -23,8 +23,8 @@ def two_rank_run(tiny_data):
 
 def test_run_directory_holds_config_checkpoint_and_samples(two_rank_run):
     root, run_dir = two_rank_run
+    from latentforge.config import load_resolved
     from latentforge.training import checkpoint
-    from latentforge.training.config import load_resolved
 
     cfg = load_resolved(run_dir / "config.yaml")
     assert cfg.train.max_steps == 30 and cfg.nproc == 2

@@ -31,8 +31,6 @@ through a universal checkpoint: converted once, loaded once with DeepSpeed's
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,56 +39,28 @@ from typing import Any
 
 import torch
 
-from latentforge.training import dist
-from latentforge.training.fileio import atomic_write
+from latentforge import dist
+from latentforge.fileio import atomic_open, atomic_write
+from latentforge.log import get_logger
+from latentforge.training.ckpt_layout import (  # noqa: F401  (re-exported: the conventions callers use)
+    CKPT,
+    COMPLETE,
+    LATEST,
+    SAVE_NOW,
+    TAG_RE,
+    UNIVERSAL_FLAG,
+    UNIVERSAL_SUFFIX,
+    UTAG_RE,
+    ckpt_dir,
+    complete_tags,
+    latest_tag,
+    meta,
+    tag_for,
+    universal_tag,
+)
+from latentforge.training.state import TrainState
 
-CKPT = "checkpoints"
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-UNIVERSAL_FLAG = "load_universal"
-UNIVERSAL_SUFFIX = "_universal"
-SAVE_NOW = "SAVE_NOW"
-_TAG = re.compile(r"^step_(\d{8})$")
-_UTAG = re.compile(r"^step_(\d{8})_universal$")
-
-
-def ckpt_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CKPT
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def universal_tag(tag: str) -> str:
-    return tag + UNIVERSAL_SUFFIX
-
-
-def complete_tags(run_dir: Path) -> list[str]:
-    """Complete checkpoint tags, oldest first."""
-    d = ckpt_dir(run_dir)
-    if not d.is_dir():
-        return []
-    tags = [p.name for p in d.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags)
-
-
-def latest_tag(run_dir: Path) -> str | None:
-    """The tag `latest` names if it is complete; otherwise the newest complete tag."""
-    d = ckpt_dir(run_dir)
-    p = d / LATEST
-    if p.is_file():
-        tag = p.read_text().strip()
-        if _TAG.match(tag) and (d / tag / COMPLETE).is_file():
-            return tag
-    tags = complete_tags(run_dir)
-    return tags[-1] if tags else None
-
-
-def meta(run_dir: Path, tag: str) -> dict[str, Any]:
-    """The COMPLETE record of a checkpoint: step, world_size, zero_stage, time."""
-    return json.loads((ckpt_dir(run_dir) / tag / COMPLETE).read_text())
-
+log = get_logger("checkpoint")
 
 def rng_state() -> dict[str, Any]:
     import random
@@ -119,9 +89,10 @@ def set_rng_state(st: dict[str, Any]) -> None:
 # Saving.
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def save(engine: Any, run_dir: Path, state: TrainState, keep_last: int) -> str:
+    """Collective: every rank calls it with its own state. Returns the tag."""
     d = ckpt_dir(run_dir)
+    step = state.step
     tag = tag_for(step)
     t0 = time.monotonic()
     if dist.is_main():
@@ -129,11 +100,9 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
         if (d / tag).exists():  # a half-written save from a crashed attempt at this step
             shutil.rmtree(d / tag)
     dist.barrier()
-    engine.save(d, tag, client_state)
-    rank_file = d / tag / f"rank_{dist.rank():05d}.pt"
-    tmp = rank_file.with_name(f".{rank_file.name}.tmp")
-    torch.save({"rng": rng_state(), "rank": dist.rank(), "world_size": dist.world_size()}, tmp)
-    os.replace(tmp, rank_file)
+    engine.save(d, tag, state.state_dict())
+    with atomic_open(d / tag / f"rank_{dist.rank():05d}.pt") as f:
+        torch.save({"rng": rng_state(), "rank": dist.rank(), "world_size": dist.world_size()}, f)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         atomic_write(d / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.world_size(),
@@ -142,7 +111,7 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
         atomic_write(d / LATEST, tag, fsync=True)
         prune(run_dir, keep_last)
     dist.barrier()
-    dist.print0(f"[checkpoint] saved {d / tag} in {time.monotonic() - t0:.1f}s")
+    log.info(f"saved {d / tag} in {time.monotonic() - t0:.1f}s")
     return tag
 
 
@@ -155,12 +124,12 @@ def prune(run_dir: Path, keep_last: int) -> None:
     latest = latest_tag(run_dir)
     pending = pending_universal(run_dir)
     for p in d.iterdir():
-        if _UTAG.match(p.name):
+        if UTAG_RE.match(p.name):
             # Needed only while its base is still `latest` (a resume may yet load it).
             if p.name != pending and p.name[: -len(UNIVERSAL_SUFFIX)] != latest:
                 shutil.rmtree(p, ignore_errors=True)
             continue
-        if not _TAG.match(p.name) or p.name in keep or p.name == latest:
+        if not TAG_RE.match(p.name) or p.name in keep or p.name == latest:
             continue
         if (p / COMPLETE).is_file() or (latest is not None and p.name < latest):
             shutil.rmtree(p, ignore_errors=True)
@@ -175,7 +144,7 @@ def clean_partial(run_dir: Path) -> list[str]:
         return []
     removed = []
     for p in d.iterdir():
-        partial = (_TAG.match(p.name) or _UTAG.match(p.name)) and not (p / COMPLETE).is_file()
+        partial = (TAG_RE.match(p.name) or UTAG_RE.match(p.name)) and not (p / COMPLETE).is_file()
         if partial or (p.is_dir() and p.name.startswith(".") and p.name.endswith(".tmp")):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
@@ -210,10 +179,10 @@ def make_universal(run_dir: Path, tag: str | None = None) -> str:
     dst = ckpt_dir(run_dir) / utag
     if not (dst / COMPLETE).is_file():
         t0 = time.monotonic()
-        print(f"[checkpoint] converting {src} to a universal checkpoint (DeepSpeed ds_to_universal)", flush=True)
+        log.info(f"converting {src} to a universal checkpoint (DeepSpeed ds_to_universal)")
         to_universal(src, dst)
         atomic_write(dst / COMPLETE, json.dumps({**meta(run_dir, tag), "universal_of": tag}), fsync=True)
-        print(f"[checkpoint] universal checkpoint {dst} written in {time.monotonic() - t0:.1f}s", flush=True)
+        log.info(f"universal checkpoint {dst} written in {time.monotonic() - t0:.1f}s")
     atomic_write(ckpt_dir(run_dir) / UNIVERSAL_FLAG, utag, fsync=True)
     return utag
 
@@ -241,7 +210,7 @@ def plan_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan |
     if saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
         # Stage 0 keeps one unpartitioned optimizer state; ZeRO-3 names its files per rank,
         # which DeepSpeed's universal load for stages 1-2 does not read (and vice versa).
-        from latentforge.training.config import ConfigError
+        from latentforge.config import ConfigError
 
         raise ConfigError(f"train.zero_stage: {run_dir / CKPT / tag} was saved with ZeRO stage {saved_stage}; "
                           f"it resumes with stage {saved_stage} (a change is possible between stages 1 and 2 only)")
@@ -265,18 +234,18 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePla
     plan = plan_resume(run_dir, world_size, zero_stage)  # every rank: a bad resume fails everywhere
     if dist.is_main():
         for name in clean_partial(run_dir):
-            print(f"[checkpoint] removed incomplete {ckpt_dir(run_dir) / name} (a crashed save)", flush=True)
+            log.info(f"removed incomplete {ckpt_dir(run_dir) / name} (a crashed save)")
         if plan is not None and plan.universal:
             make_universal(run_dir, plan.tag)
     dist.barrier()
     return plan
 
 
-def load(engine: Any, run_dir: Path, plan: ResumePlan) -> dict[str, Any]:
-    """Load weights, optimizer and client state; restore this rank's RNG if it was saved
-    with the same world size. Collective. Returns the client state."""
+def load(engine: Any, run_dir: Path, plan: ResumePlan) -> TrainState:
+    """Load weights, optimizer and train state; restore this rank's RNG if it was saved
+    with the same world size. Collective. Returns this rank's train state."""
     d = ckpt_dir(run_dir)
-    client = engine.load(d, plan.load_tag, universal=plan.universal)
+    client = TrainState.from_state_dict(engine.load(d, plan.load_tag, universal=plan.universal))
     rank_file = d / plan.tag / f"rank_{dist.rank():05d}.pt"
     if rank_file.is_file() and meta(run_dir, plan.tag).get("world_size") == dist.world_size():
         set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
@@ -296,11 +265,6 @@ def _model_states_file(d: Path) -> Path:
     return f if f.is_file() else d / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank
 
 
-_DS_KEYS = ("module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes", "shared_params",
-            "frozen_param_fragments", "buffer_names", "ds_config", "ds_version", "skipped_steps", "global_steps",
-            "global_samples", "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "sparse_tensor_module_names")
-
-
 def _states_files(d: Path) -> list[Path]:
     """The model-states files of a checkpoint: one below ZeRO-3, one per rank under it."""
     files = sorted(d.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
@@ -318,36 +282,34 @@ def consolidated_ema(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return assemble(states)
 
 
-def _with_whole_ema(run_dir: Path, tag: str, client: dict[str, Any]) -> dict[str, Any]:
-    ema = client.get("ema")
-    if ema and ema.get("layout") is not None:
-        client["ema"] = {"updates": ema["updates"], "shadow": consolidated_ema(run_dir, tag), "layout": None}
-    return client
-
-
-def client_state(run_dir: Path, tag: str | None = None) -> dict[str, Any]:
-    """The client state (step, loader position, EMA, ...) of a checkpoint, with the EMA
-    whole (assembled from the ranks' shards under ZeRO-3)."""
+def _read_state(run_dir: Path, tag: str | None) -> tuple[str, dict[str, Any], TrainState]:
+    """(tag, rank 0's model-states dict, its TrainState with the EMA whole: assembled from
+    every rank's shard under ZeRO-3)."""
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
     states = torch.load(_model_states_file(ckpt_dir(run_dir) / tag), map_location="cpu", weights_only=False)
-    return _with_whole_ema(run_dir, tag, {k: v for k, v in states.items() if k not in _DS_KEYS})
+    state = TrainState.from_state_dict(states)
+    if state.ema and state.ema.get("layout") is not None:
+        state.ema = {"updates": state.ema["updates"], "shadow": consolidated_ema(run_dir, tag), "layout": None}
+    return tag, states, state
 
 
-def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(fp32 module weights, client state with the EMA whole) of a checkpoint, for export
+def client_state(run_dir: Path, tag: str | None = None) -> TrainState:
+    """The train state (step, loader position, EMA, ...) of a checkpoint (default: latest),
+    with the EMA whole."""
+    return _read_state(run_dir, tag)[2]
+
+
+def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], TrainState]:
+    """(fp32 module weights, train state with the EMA whole) of a checkpoint, for export
     and eval, in one process without DeepSpeed's engine. Works for every ZeRO stage."""
-    tag = tag or latest_tag(run_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
+    tag, states, state = _read_state(run_dir, tag)
     d = ckpt_dir(run_dir) / tag
-    states = torch.load(_model_states_file(d), map_location="cpu", weights_only=False)
-    client = _with_whole_ema(run_dir, tag, {k: v for k, v in states.items() if k not in _DS_KEYS})
     if list(d.glob("*zero_pp_rank_*optim_states.pt")):
         from latentforge.training.engine import consolidated_state_dict
 
         weights = consolidated_state_dict(ckpt_dir(run_dir), tag)
     else:  # ZeRO stage 0: the module states file holds the weights
         weights = {k: v.float().clone() for k, v in states["module"].items()}
-    return weights, client
+    return weights, state

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentforge.training.config import ConfigError, DiffusionConfig
+from latentforge.config import ConfigError, DiffusionConfig
 
 # Rectified-flow time tau in [0, 1] enters the network as tau * FLOW_TIME_SCALE, the
 # range of the discrete timesteps the U-Net time embedding was designed for.

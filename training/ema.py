@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentforge.training.config import EMAConfig
+from latentforge.config import EMAConfig
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # a rank's (P,) shard -> all ranks' shards, (N * P,)
 

@@ -13,15 +13,26 @@ import json
 import math
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from latentforge.training import dist
-from latentforge.training.fileio import atomic_write
-from latentforge.training.config import Config, ConfigError
+from latentforge import dist
+from latentforge.config import Config, ConfigError, batch_split
+from latentforge.env import free_port
+from latentforge.fileio import atomic_write
+from latentforge.log import quiet_prints, quiet_third_party
+
+
+def _deepspeed() -> Any:
+    """Import deepspeed with the accelerator named, not auto-detected: the device is
+    latentforge.dist's choice, and detection prints a warning on every CPU rank."""
+    os.environ.setdefault("DS_ACCELERATOR", dist.device().type)
+    import deepspeed
+
+    quiet_third_party()
+    return deepspeed
 
 
 def precision(cfg: Config) -> str:
@@ -29,19 +40,6 @@ def precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
     return "bf16" if dist.device().type == "cuda" else "fp32"
-
-
-def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) from the global batch size."""
-    g = cfg.train.global_batch_size
-    if g % world_size:
-        raise ConfigError(f"train.global_batch_size: {g} is not divisible by the world size {world_size}")
-    per_rank = g // world_size
-    micro = cfg.train.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank} "
-                          f"(global {g} / world {world_size})")
-    return micro, per_rank // micro
 
 
 def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
@@ -103,12 +101,6 @@ def lr_at(cfg: Config, step: int) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: float) -> None:
     """Join the process group (env:// from RANK/WORLD_SIZE/MASTER_*). A lone process gets a
     one-rank group on loopback, so the same code path runs everywhere. `timeout_s` bounds
@@ -117,13 +109,12 @@ def init_distributed(timeout_s: float) -> None:
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     import datetime
 
-    import deepspeed
-
+    deepspeed = _deepspeed()
     if dist.device().type == "cuda":
         torch.cuda.set_device(dist.device())
     deepspeed.init_distributed(dist_backend=dist.backend(), timeout=datetime.timedelta(seconds=timeout_s))
@@ -187,8 +178,7 @@ class Engine:
         """The module with full (gathered) parameters, read-only. A no-op below ZeRO-3.
         Collective under ZeRO-3: every rank must enter it."""
         if self.cfg.train.zero_stage == 3:
-            import deepspeed
-
+            deepspeed = _deepspeed()
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
                 yield self.module
         else:
@@ -230,7 +220,8 @@ class Engine:
         import torch.distributed as tdist
 
         out = torch.empty(shard.numel() * dist.world_size(), dtype=shard.dtype, device=shard.device)
-        tdist.all_gather_into_tensor(out, shard.contiguous())
+        gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # the name before torch 2.14
+        gather(out, shard.contiguous())
         return out
 
     # -- checkpoints ------------------------------------------------------------------
@@ -275,8 +266,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
                  load_universal: bool = False) -> Engine:
     """deepspeed.initialize with our AdamW (decay on matrices only), then the optional
     activation checkpointing and torch.compile. Writes ds_config.json into the run dir."""
-    import deepspeed
-
+    deepspeed = _deepspeed()
     config_dict = ds_config(cfg, dist.world_size(), load_universal=load_universal)
     if run_dir is not None and dist.is_main():
         write_ds_config(run_dir, config_dict)
@@ -351,9 +341,11 @@ def compile_engine(ds_engine: Any) -> None:
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a sharded checkpoint, any ZeRO stage, no process group needed."""
+    _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with quiet_prints("DeepSpeed's zero_to_fp32"):  # it prints a line per step and a progress bar
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float().clone() for k, v in sd.items()}
 
 
@@ -364,6 +356,7 @@ def to_universal(src: Path, dst: Path) -> None:
     One process, no process group. Writes into a temporary directory and renames."""
     import argparse
 
+    _deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     src, dst = Path(src), Path(dst)

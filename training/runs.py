@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     uri = args.uri
     if not uri:
-        from latentforge.training.config import Config
+        from latentforge.config import Config
 
         uri = Config().resolved_tracking_uri
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731

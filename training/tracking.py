@@ -1,4 +1,7 @@
-"""MLflow tracking that never stops training (DESIGN.md, guarantee 7).
+"""MLflow tracking that never stops training: the resilient client (buffer, retries, outages).
+
+The MLflow protocol itself (finding or creating the run, standard tags, batched writes)
+is `training/mlflow_store.py`; system metrics are `training/system_metrics.py`.
 
 One `Tracker` per training run, created on every rank; only the one built with
 `enabled=True` (rank 0) talks to MLflow, the others are no-ops that still validate their
@@ -10,7 +13,7 @@ How it stays out of the way of the training loop:
 - Every call from the loop (`log_metrics`, `log_params`, `set_tags`, `log_artifact`,
   `log_image`) only validates and appends to an in-memory buffer under a lock. It never
   waits on the network and never raises because of MLflow.
-- One daemon thread owns the `MlflowClient` and does all I/O: it opens the run, sends
+- One daemon thread owns the `MlflowStore` and does all I/O: it opens the run, sends
   params and tags in batches of 100 and metrics in batches of 1000 (`log_batch`, MLflow's
   per-request limits), uploads artifacts and sets the terminal status.
 - When the store is unreachable the thread prints one warning per outage, keeps the
@@ -22,7 +25,7 @@ How it stays out of the way of the training loop:
   every request: `MLFLOW_HTTP_REQUEST_MAX_RETRIES` (0: this thread does the retrying) and
   `MLFLOW_HTTP_REQUEST_TIMEOUT`. Values the user exported are kept.
 
-Run identity across requeues (DESIGN.md, "MLflow across requeues"):
+Run identity across requeues :
 
 - `start(run_id=X)` reopens run X (status back to RUNNING); it never creates a run while
   X exists. If the store is down, `run_id` is X at once and the reopening happens when
@@ -46,157 +49,37 @@ Run identity across requeues (DESIGN.md, "MLflow across requeues"):
 from __future__ import annotations
 
 import collections
-import getpass
-import importlib.metadata
-import math
 import operator
 import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from latentforge.training.fileio import atomic_write
+from latentforge.log import get_logger
+from latentforge.training.mlflow_store import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+    MlflowStore,
+    check_name,
+    configure_env,
+    first_line,
+    is_permanent,
+    run_key_for,
+    truncate,
+)
+from latentforge.training.system_metrics import SystemSampler
 
-# MLflow's limits (mlflow/utils/validation.py, checked against mlflow 3.17.2).
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_PARAM_VAL_LENGTH = 6000
-MAX_TAG_VAL_LENGTH = 8000
-MAX_KEY_LENGTH = 250
-TRUNCATION_MARKER = "...[truncated]"
+log = get_logger("tracking")
+__all__ = ["Tracker", "run_key_for", "TERMINAL_STATUSES"]
 
-RUN_KEY_TAG = "latentforge.run_key"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-VERSION_PACKAGES = ("torch", "deepspeed", "diffusers", "open_clip_torch", "mlflow", "latentforge")
-
-# mlflow's rule for param, metric and tag names on POSIX (validate_param_and_metric_name).
-_NAME_RE = re.compile(r"^[/\w.\- :]+$")
-
-
-def _warn(msg: str) -> None:
-    print(f"[tracking] warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _info(msg: str) -> None:
-    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
-
-
-def _check_name(kind: str, name: Any) -> str:
-    """Reject names MLflow would reject, at call time and on every rank."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind}: expected a non-empty string, got {name!r}")
-    if len(name) > MAX_KEY_LENGTH:
-        raise ValueError(f"{kind} {name[:40]!r}...: longer than MLflow's {MAX_KEY_LENGTH} characters")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"{kind} {name!r}: MLflow names may only contain letters, digits, "
-                         "'_', '-', '.', ' ', ':' and '/'")
-    norm = str(PurePosixPath(name))
-    if norm != name or name.startswith(("/", "..")) or name == ".":
-        raise ValueError(f"{kind} {name!r}: must be a normalised relative path ('a/b', not 'a//b' or 'a/')")
-    return name
-
-
-def truncate(value: str, limit: int) -> str:
-    """`value` cut to `limit` characters, ending in TRUNCATION_MARKER when cut."""
-    if len(value) <= limit:
-        return value
-    return value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
-
-
-def run_key_for(run_dir: str | os.PathLike) -> str:
-    """The stable key of the training run in `run_dir` (created on first use).
-
-    A random hex string kept in `run_dir/mlflow_run_key`: the same for every requeue of a
-    run directory, new for a fresh one. Call it on rank 0 only.
-    """
-    p = Path(run_dir) / "mlflow_run_key"
-    if p.is_file():
-        key = p.read_text().strip()
-        if key:
-            return key
-    p.parent.mkdir(parents=True, exist_ok=True)
-    key = uuid.uuid4().hex
-    atomic_write(p, key + "\n")
-    return key
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (four slashes: absolute path)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    """True for errors that retrying cannot fix: the store answered 4xx (bad value,
-    unknown run). Connection errors, timeouts and 5xx are transient."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        try:
-            code = int(exc.get_http_status_code())
-        except Exception:
-            return False
-        return 400 <= code < 500 and code not in (408, 429)
-    return False
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-
-
-def git_state(repo: Path | None = None, timeout_s: float = 5.0) -> tuple[str, str]:
-    """(commit, dirty) of the git checkout this package lives in; ("unknown", "unknown")
-    when there is none (installed wheel, no git binary, git too slow)."""
-    repo = repo or Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              timeout=timeout_s, check=True).stdout.strip()
-
-    try:
-        # A wheel in a virtualenv inside some other checkout would report that checkout.
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != repo.resolve():
-            return "unknown", "unknown"
-        commit = git("rev-parse", "HEAD")
-        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    """`versions.<dist>` tags from installed metadata, without importing the packages."""
-    out = {}
-    for name in VERSION_PACKAGES:
-        try:
-            out[f"versions.{name}"] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[f"versions.{name}"] = "absent"
-    return out
-
-
-def slurm_job_id() -> str | None:
-    """This job's id as SLURM prints it: `ARRAYJOB_TASK` for array tasks."""
-    array_id, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_id and task:
-        return f"{array_id}_{task}"
-    return os.environ.get("SLURM_JOB_ID") or None
 
 
 class Tracker:
@@ -253,7 +136,7 @@ class Tracker:
             raise ValueError(f"request_timeout_s: expected a positive int (mlflow reads whole seconds), "
                              f"got {request_timeout_s!r}")
         if run_key is not None:
-            _check_name("run_key", run_key)
+            check_name("run_key", run_key)
 
         self.uri = uri
         self.experiment = experiment
@@ -304,12 +187,9 @@ class Tracker:
         self._tmpdir: Path | None = None
         self._seq = 0
         # Worker-thread state.
-        self._client: Any = None
-        self._logged_params: dict[str, str] = {}
-        self._warned_changed: set[str] = set()
+        self._store = MlflowStore(uri, experiment, artifact_location)
+        self._sampler = SystemSampler()
         self._warned_rejected: set[str] = set()
-        self._git: tuple[str, str] | None = None
-        self._monitors: list[Any] | None = None
         self._next_sample = 0.0
 
     # ------------------------------------------------------------------------------
@@ -349,19 +229,14 @@ class Tracker:
         self._started = True
         if not self.enabled:
             return None
-        self._configure_mlflow_env()
+        configure_env(self.request_timeout_s)
         # Captured now: they describe this job, whenever the store gets to hear of it.
         self._start_ms = int(time.time() * 1000)
-        from latentforge.training import dist
+        from latentforge import dist
 
         self._env = {"world_size": str(dist.world_size()), "host": socket.gethostname()}
         if self.system_metrics:
-            try:
-                import psutil
-
-                psutil.cpu_percent()  # the first reading is meaningless; prime it now
-            except Exception:
-                pass
+            SystemSampler.prime()
             self._next_sample = time.monotonic() + self.system_metrics_interval_s
         with self._cv:
             self._resume_id = run_id
@@ -385,7 +260,7 @@ class Tracker:
         skipped; a different value is not sent as a param but as the tag
         `param_changed/<key>`, with a warning.
         """
-        items = {_check_name("param key", k): truncate(str(v), MAX_PARAM_VAL_LENGTH) for k, v in params.items()}
+        items = {check_name("param key", k): truncate(str(v), MAX_PARAM_VAL_LENGTH) for k, v in params.items()}
         if not self._accepting():
             return
         with self._cv:
@@ -393,7 +268,7 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue tags (values str()-ed, cut to 8000 characters). Tags may change later."""
-        items = {_check_name("tag key", k): truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+        items = {check_name("tag key", k): truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
         if not self._accepting():
             return
         with self._cv:
@@ -408,7 +283,7 @@ class Tracker:
         ms = int(time.time() * 1000)
         records = []
         for k, v in metrics.items():
-            _check_name("metric name", k)
+            check_name("metric name", k)
             try:
                 value = float(v)
             except (TypeError, ValueError):
@@ -425,11 +300,11 @@ class Tracker:
         run's artifacts). It is copied now, so later changes to it do not matter."""
         src = Path(path)
         if artifact_path is not None:
-            _check_name("artifact_path", artifact_path)
+            check_name("artifact_path", artifact_path)
         if not self._accepting():
             return
         if not src.exists():  # only this rank looks, so a warning, not an error that splits the ranks
-            _warn(f"artifact {src} does not exist; not logged")
+            log.warning(f"artifact {src} does not exist; not logged")
             return
         try:
             dst = self._new_tmp_dir() / src.name
@@ -438,13 +313,13 @@ class Tracker:
             else:
                 shutil.copy2(src, dst)
         except OSError as e:  # a full local disk costs the artifact, not the run
-            _warn(f"could not stage artifact {src}: {_first_line(e)}")
+            log.warning(f"could not stage artifact {src}: {first_line(e)}")
             return
         self._queue_artifact(dst, artifact_path)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """Queue a PIL image as the PNG artifact `artifact_file` ("samples/step_000100.png")."""
-        _check_name("artifact_file", artifact_file)
+        check_name("artifact_file", artifact_file)
         if not artifact_file.lower().endswith(".png"):
             raise ValueError(f"artifact_file {artifact_file!r}: images are logged as PNG; name must end in .png")
         if not hasattr(image, "save"):
@@ -457,7 +332,7 @@ class Tracker:
             dst = self._new_tmp_dir() / rel.name
             image.save(dst, format="PNG")
         except OSError as e:
-            _warn(f"could not stage image {artifact_file}: {_first_line(e)}")
+            log.warning(f"could not stage image {artifact_file}: {first_line(e)}")
             return
         parent = str(rel.parent)
         self._queue_artifact(dst, None if parent == "." else parent)
@@ -496,9 +371,9 @@ class Tracker:
         atexit.unregister(self._atexit)
         if not ok:
             what = "the run was never created" if self._run_id is None else f"status {status} not set"
-            _warn(f"gave up after {timeout_s:.0f}s: {left} records not delivered to {self.uri} ({what})")
+            log.warning(f"gave up after {timeout_s:.0f}s: {left} records not delivered to {self.uri} ({what})")
         if dropped:
-            _warn(f"{dropped} metric records were dropped while {self.uri} was unreachable (buffer full)")
+            log.warning(f"{dropped} metric records were dropped while {self.uri} was unreachable (buffer full)")
         if self._tmpdir is not None:  # undelivered artifacts die with the process anyway
             shutil.rmtree(self._tmpdir, ignore_errors=True)
         return ok
@@ -543,7 +418,7 @@ class Tracker:
             self._dropped += over
             if not self._warned_full:
                 self._warned_full = True
-                _warn(f"metric buffer full ({self.max_buffer} records): dropping the oldest until "
+                log.warning(f"metric buffer full ({self.max_buffer} records): dropping the oldest until "
                       f"{self.uri} answers; the count is reported at finish")
         if len(self._metrics) >= MAX_METRICS_PER_BATCH and not self._outage:
             self._cv.notify_all()  # a full batch is ready; no need to wait for the interval
@@ -556,7 +431,7 @@ class Tracker:
                 shutil.rmtree(old.parent, ignore_errors=True)
                 self._dropped_artifacts += 1
                 if self._dropped_artifacts == 1:
-                    _warn(f"artifact queue full ({self.max_artifacts}): dropping the oldest")
+                    log.warning(f"artifact queue full ({self.max_artifacts}): dropping the oldest")
 
     def _new_tmp_dir(self) -> Path:
         # One folder per artifact keeps its file name (MLflow uses it) without collisions.
@@ -566,16 +441,6 @@ class Tracker:
             d = self._tmpdir / f"{self._seq:08d}"
         d.mkdir(parents=True)
         return d
-
-    def _configure_mlflow_env(self) -> None:
-        # mlflow reads these on every request (mlflow/utils/rest_utils.py, http_request).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our thread retries, with backoff
-        if self.request_timeout_s is not None:
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.request_timeout_s)
-        else:
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        # Clusters are offline: no usage pings from a training job unless asked for.
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     def _atexit(self) -> None:
         # The process is exiting without finish() (an uncaught error in the caller): send
@@ -613,8 +478,6 @@ class Tracker:
     def _attempt(self) -> None:
         """One pass: open the run if needed, then send everything pending."""
         try:
-            if self._client is None:
-                self._client = self._make_client()
             if self._open_pending:
                 self._open()
                 if self.system_metrics:
@@ -624,14 +487,14 @@ class Tracker:
                     self._open_pending = False
                     self._open_attempts += 1
                     self._cv.notify_all()
-            self._send_params()
-            self._send_tags()
-            self._send_metrics()
+            self._drain("params", MAX_PARAMS_TAGS_PER_BATCH, self._store.log_params)
+            self._drain("tags", MAX_PARAMS_TAGS_PER_BATCH, self._store.log_tags)
+            self._drain("metrics", MAX_METRICS_PER_BATCH, self._store.log_metrics)
             self._send_artifacts()
             with self._cv:
                 terminal = self._terminal if self._pending_locked() == 0 else None
             if terminal is not None:
-                self._client.set_terminated(self._run_id, status=terminal)
+                self._store.set_terminated(self._run_id, terminal)
                 with self._cv:
                     self._terminal = None
         except Exception as e:  # noqa: BLE001 - nothing from MLflow may reach the loop
@@ -640,7 +503,7 @@ class Tracker:
         with self._cv:
             if self._outage:
                 self._outage = False
-                _info(f"{self.uri} reachable again; buffered records sent")
+                log.info(f"{self.uri} reachable again; buffered records sent")
             self._backoff = self.retry_initial_s
             self._next_try = time.monotonic() + self.flush_interval_s
             self._cv.notify_all()
@@ -653,104 +516,21 @@ class Tracker:
             if not self._outage:
                 self._outage = True
                 try:
-                    what = "refused a request" if _is_permanent(exc) else "unreachable"
+                    what = "refused a request" if is_permanent(exc) else "unreachable"
                 except Exception:  # mlflow itself failed to import
                     what = "unusable"
-                _warn(f"MLflow at {self.uri} {what} ({_first_line(exc)}); training goes on, "
+                log.warning(f"MLflow at {self.uri} {what} ({first_line(exc)}); training goes on, "
                       f"metrics are buffered (up to {self.max_buffer}) and retried in the background")
             self._next_try = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, self.retry_max_s)
             self._cv.notify_all()
 
-    def _make_client(self) -> Any:
-        db = _sqlite_path(self.uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri)
-
-    def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        client = self._client
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            location = self.artifact_location
-            db = _sqlite_path(self.uri)
-            if location is None and db is not None:
-                # A SQL store has no artifact root of its own; without this MLflow uses ./mlruns.
-                location = (db.resolve().parent / "mlartifacts").as_uri()
-            try:
-                return client.create_experiment(self.experiment, artifact_location=location)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it meanwhile
-                    raise
-                exp = client.get_experiment_by_name(self.experiment)
-        if exp.lifecycle_stage == "deleted":
-            _warn(f"experiment {self.experiment!r} was deleted; restoring it")
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-
     def _open(self) -> None:
         """Find or create the run; set it RUNNING; queue the standard tags."""
-        client = self._client
-        exp_id = self._experiment_id()
-        run = None
-        extra: dict[str, str] = {}
-        if self._resume_id is not None:
-            try:
-                run = client.get_run(self._resume_id)
-            except Exception as e:
-                if not _is_not_found(e):
-                    raise
-                _warn(f"run {self._resume_id} is not in {self.uri}; starting a new run "
-                      f"(tagged previous_run_id)")
-                extra["previous_run_id"] = self._resume_id
-        if run is None and self.run_key is not None:
-            found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'",
-                                       max_results=1, order_by=["attributes.start_time ASC"])
-            run = found[0] if found else None
-        if run is None:
-            tags = {RUN_KEY_TAG: self.run_key} if self.run_key else None
-            run = client.create_run(exp_id, start_time=self._start_ms, tags=tags, run_name=self.run_name or None)
-        else:
-            if run.info.lifecycle_stage == "deleted":
-                client.restore_run(run.info.run_id)
-            client.update_run(run.info.run_id, status="RUNNING")
-        run_id = run.info.run_id
-        tags = self._standard_tags(run.data.tags)
-        tags.update(extra)
-        if self.run_key and run.data.tags.get(RUN_KEY_TAG) != self.run_key:
-            tags[RUN_KEY_TAG] = self.run_key
-        self._logged_params = dict(run.data.params)
+        opened = self._store.open(self._resume_id, self.run_key, self.run_name, self._start_ms, self._env)
         with self._cv:
-            self._run_id = run_id
-            self._tags = {**tags, **self._tags}  # the caller's tags win over ours
-
-    def _standard_tags(self, existing: Mapping[str, str]) -> dict[str, str]:
-        tags = dict(self._env)
-        ids = [j for j in existing.get("slurm_job_ids", "").split(",") if j]
-        job = slurm_job_id()
-        if job and job not in ids:
-            ids.append(job)
-        if ids:
-            tags["slurm_job_ids"] = truncate(",".join(ids), MAX_TAG_VAL_LENGTH)
-        restarts = os.environ.get("SLURM_RESTART_COUNT")
-        if restarts:
-            tags["slurm_restart_count"] = restarts
-        if self._git is None:
-            self._git = git_state()
-        commit, dirty = self._git
-        tags["git_commit"], tags["git_dirty"] = commit, dirty
-        tags.update(package_versions())
-        try:
-            tags["mlflow.user"] = getpass.getuser()
-        except Exception:
-            pass
-        tags["mlflow.source.name"] = truncate(sys.argv[0] if sys.argv and sys.argv[0] else "python",
-                                              MAX_TAG_VAL_LENGTH)
-        return tags
+            self._run_id = opened.run_id
+            self._tags = {**opened.tags, **self._tags}  # the caller's tags win over ours
 
     def _take(self, kind: str, n: int) -> list[Any]:
         with self._cv:
@@ -790,19 +570,19 @@ class Tracker:
         try:
             send(batch)
         except Exception as e:
-            if not _is_permanent(e):
+            if not is_permanent(e):
                 self._give_back(kind, batch)
                 raise
             if len(batch) == 1 or kind == "metrics":  # metrics were validated; 4xx means the run is gone
                 self._reject(kind, len(batch), e)
             else:
                 if kind == "params":  # the store may know params we did not (a lost answer)
-                    self._logged_params.update(self._client.get_run(self._run_id).data.params)
+                    self._store.refresh_params(self._run_id)
                 for i, item in enumerate(batch):
                     try:
                         send([item])
                     except Exception as e1:
-                        if not _is_permanent(e1):
+                        if not is_permanent(e1):
                             self._give_back(kind, batch[i:])
                             raise
                         self._reject(kind, 1, e1)
@@ -816,55 +596,12 @@ class Tracker:
             first = kind not in self._warned_rejected
             self._warned_rejected.add(kind)
         if first:
-            _warn(f"{self.uri} rejected {n} {kind} ({_first_line(exc)}); dropped (warned once per kind)")
+            log.warning(f"{self.uri} rejected {n} {kind} ({first_line(exc)}); dropped (warned once per kind)")
 
-    def _send_params(self) -> None:
-        from mlflow.entities import Param, RunTag
-
-        def send(batch: list[tuple[str, str]]) -> None:
-            new, changed = [], []
-            for k, v in batch:
-                old = self._logged_params.get(k)
-                if old is None:
-                    new.append(Param(k, v))
-                elif old != v:
-                    if k not in self._warned_changed:
-                        self._warned_changed.add(k)
-                        _warn(f"param {k!r} was logged as {old!r}, now {v!r} (a resume with a changed "
-                              f"config?); MLflow params are immutable: logged as tag param_changed/{k}")
-                    changed.append(RunTag(truncate(f"param_changed/{k}", MAX_KEY_LENGTH),
-                                          truncate(v, MAX_TAG_VAL_LENGTH)))
-            if new or changed:
-                self._client.log_batch(self._run_id, params=new, tags=changed)
-            self._logged_params.update({p.key: p.value for p in new})
-
-        while True:
-            batch = self._take("params", MAX_PARAMS_TAGS_PER_BATCH)
-            if not batch:
-                return
-            self._send("params", batch, send)
-
-    def _send_tags(self) -> None:
-        from mlflow.entities import RunTag
-
-        while True:
-            batch = self._take("tags", MAX_PARAMS_TAGS_PER_BATCH)
-            if not batch:
-                return
-            self._send("tags", batch,
-                       lambda b: self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in b]))
-
-    def _send_metrics(self) -> None:
-        from mlflow.entities import Metric
-
-        while True:
-            batch = self._take("metrics", MAX_METRICS_PER_BATCH)
-            if not batch:
-                return
-            # Resending a batch whose answer was lost is harmless: the store keeps one row
-            # per identical (key, value, timestamp, step).
-            self._send("metrics", batch, lambda b: self._client.log_batch(
-                self._run_id, metrics=[Metric(k, v, ms, s) for k, v, ms, s in b]))
+    def _drain(self, kind: str, batch_size: int, write: Callable[[str, list[Any]], None]) -> None:
+        """Send everything pending of one kind (params, tags or metrics) in batches."""
+        while batch := self._take(kind, batch_size):
+            self._send(kind, batch, lambda b: write(self._run_id, b))
 
     def _send_artifacts(self) -> None:
         while True:
@@ -877,20 +614,11 @@ class Tracker:
                 self._done(1)
                 continue
 
-            def send(b: list[tuple[Path, str | None]]) -> None:
-                p, d = b[0]
-                if p.is_dir():
-                    self._client.log_artifacts(self._run_id, str(p), artifact_path=d and f"{d}/{p.name}" or p.name)
-                else:
-                    self._client.log_artifact(self._run_id, str(p), artifact_path=d)
-
-            self._send("artifacts", [(path, artifact_dir)], send)
+            self._send("artifacts", [(path, artifact_dir)], lambda b: self._store.log_artifact(self._run_id, *b[0]))
             shutil.rmtree(path.parent, ignore_errors=True)
 
     # ------------------------------------------------------------------------------
-    # System metrics: MLflow's own samplers (the ones behind log_system_metrics), fed
-    # into this buffer. mlflow's SystemMetricsMonitor needs a run that exists and stops
-    # for good at its first failed request, so it does not survive an outage.
+    # System metrics (training/system_metrics.py), sampled by the background thread.
 
     def _sample_system(self, force: bool = False) -> None:
         """Called by the background thread only."""
@@ -898,36 +626,13 @@ class Tracker:
         if not force and now < self._next_sample:
             return
         try:
-            if self._monitors is None:
-                self._monitors = self._make_monitors()
-            values: dict[str, float] = {}
-            for m in self._monitors:
-                m.collect_metrics()
-                values.update(m.aggregate_metrics())
-                m.clear_metrics()
+            values = self._sampler.sample()
         except Exception as e:  # noqa: BLE001 - a sampler failing must not stop logging
-            _warn(f"system metrics disabled: {_first_line(e)}")
+            log.warning(f"system metrics disabled: {first_line(e)}")
             self.system_metrics = False
             return
         self._next_sample = now + self.system_metrics_interval_s
         ms = int(time.time() * 1000)
         with self._cv:
             # Step = the latest optimizer step, so system and training curves share an axis.
-            records = [(f"system/{k}", float(v), ms, self._last_step) for k, v in values.items()
-                       if isinstance(v, (int, float)) and not math.isnan(float(v))]
-            self._append_metrics_locked(records)
-
-    @staticmethod
-    def _make_monitors() -> list[Any]:
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-
-        monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-        try:  # needs nvidia-ml-py and a driver
-            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-            monitors.append(GPUMonitor())
-        except Exception:
-            pass
-        return monitors
+            self._append_metrics_locked([(f"system/{k}", v, ms, self._last_step) for k, v in values.items()])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from latentforge.training.config import ModelConfig
+from latentforge.config import ModelConfig
 
 
 def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_dim: int,
@@ -43,6 +43,19 @@ def build_unet(cfg: ModelConfig, latent_channels: int, latent_size: int, text_di
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**unet_kwargs(cfg, latent_channels, latent_size, text_dim, pooled_dim))
+
+
+def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: dict[str, torch.Tensor],
+                      where: str) -> torch.nn.Module:
+    """The U-Net of `cfg` for latents of `shapes` (a checkpoint's), holding `weights`; a
+    mismatch fails with one line naming `where` the weights came from."""
+    C, h, _ = shapes["latent"]
+    unet = build_unet(cfg, C, h, shapes["text"][-1], shapes["pooled"][-1])
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not fit the U-Net of the config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return unet
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from latentforge.env import free_port
 
 REQUEUE_EXIT_CODE = 3  # a rank that checkpointed on a stop signal and wants to be restarted
 
@@ -27,12 +28,6 @@ def under_launcher() -> bool:
 
 def should_spawn(nproc: int) -> bool:
     return nproc > 1 and not under_launcher()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(argv: list[str], nproc: int, grace_s: float = 30.0, env: dict[str, str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A tiny distributed helper: rank, world size, device, print0, reductions.
+"""A tiny distributed helper: rank, world size, device, reductions (logging is latentforge/log.py).
 
 Defaults to one process when torch.distributed is not initialised, so every function
 here is safe to call from single-process tools and tests. This module and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from typing import Any
 
 import torch
@@ -63,12 +62,6 @@ def init(timeout_s: float = 600.0) -> None:
     dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def print0(*args: Any, **kwargs: Any) -> None:
-    if is_main():
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -114,8 +107,3 @@ def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
 
-
-def fail(msg: str, code: int = 1) -> None:
-    """Print one clear line to stderr and exit this rank."""
-    print(f"[rank {rank()}] error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(code)

@@ -9,8 +9,6 @@ Errors are one line that names the key: `ConfigError: train.max_steps: expected 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import types
 import typing
@@ -315,20 +313,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected bool, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp in (int, float):  # an int field takes no float (1.5 is not silently cut to 1)
+        accepted = (int, str) if tp is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
         try:
-            return int(value)
+            return tp(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected int, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected float, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected str, got {value!r}")
@@ -406,9 +398,10 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 def config_hash(cfg: Config, sections: tuple[str, ...] = ("codec", "text", "model", "diffusion")) -> str:
     """Hash of the sections that define what a checkpoint's weights mean."""
+    from latentforge.hashing import json_sha256
+
     d = to_dict(cfg)
-    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_sha256({s: d[s] for s in sections})
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,27 +462,47 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return d
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def overrides_dict(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`section.field=value` items as one nested dict, later items winning."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        data = merge(data, _nest(path, value))
+    return data
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, section by section (nested dicts merge, other values replace)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def resolve(preset_name: str | None = None, file: str | os.PathLike | None = None,
             overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Preset, then file, then overrides. Validates every key and type."""
-    data: dict[str, Any] = {}
-    if file:
-        data = load_file(file)
-    for item in overrides:
-        path, value = parse_override(item)
-        data = _merge(data, _nest(path, value))
+    data = merge(load_file(file) if file else {}, overrides_dict(overrides))
     if preset_name:  # an explicit --preset wins over the file's
         data["preset"] = preset_name
     cfg = from_dict(data)
     validate(cfg)
     return cfg
+
+
+def batch_split(cfg: Config, world_size: int, where: str = "") -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) from the global batch size.
+    `where` names the layout in the error (e.g. a cluster profile)."""
+    g = cfg.train.global_batch_size
+    at = f" ({where})" if where else ""
+    if g % world_size:
+        raise ConfigError(f"train.global_batch_size: {g} is not divisible by the world size {world_size}{at}")
+    per_rank = g // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank} "
+                          f"(global {g} / world {world_size}){at}")
+    return micro, per_rank // micro
 
 
 def validate(cfg: Config) -> None:
@@ -550,7 +563,7 @@ def save(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
     import yaml
 
-    from latentforge.training.fileio import atomic_write
+    from latentforge.fileio import atomic_write
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

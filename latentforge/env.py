@@ -12,7 +12,7 @@
 4. **a single process**: rank 0 of 1 on 127.0.0.1 and a free port.
 
 `apply(env)` exports the result under the names torch.distributed and DeepSpeed read, so
-everything after discovery (`training.dist.init`) has one input.
+everything after discovery (`latentforge.dist.init`) has one input.
 
 Master of a SLURM job: the first host of `SLURM_JOB_NODELIST`, expanded by
 `scontrol show hostnames` or, where scontrol is missing, by `expand_nodelist` (the same

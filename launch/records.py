@@ -1,0 +1,227 @@
+"""Job records and job states: what `submit` writes and what `submit` and `status` read.
+
+    RUN_DIR/jobs.jsonl                 one JSON line per submitted train/eval job
+    RUN_ROOT/precompute_jobs/jobs.jsonl         one line per precompute submission
+
+A job's state comes from sacct (squeue where accounting is missing) for SLURM jobs, and
+from the controller's pid and submitit's result files for local ones. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+JOBS_FILE = "jobs.jsonl"
+PRECOMPUTE_JOBS = "precompute_jobs"
+# States in which a job still holds (or will get) resources.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "READY"}
+
+
+# ---------------------------------------------------------------------------------------
+# Records.
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The job records of a jobs.jsonl (bad lines skipped: the file is append-only)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "job_id" in rec:
+            out.append(rec)
+    return out
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # one write per line: concurrent submitters do not interleave
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def job_folder(folder_pattern: Path, job_id: str) -> Path:
+    return Path(str(folder_pattern).replace("%j", job_id))
+
+
+def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
+    return folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"
+
+
+# ---------------------------------------------------------------------------------------
+# Job states.
+
+
+def _first_word(state: str) -> str:
+    return state.split()[0] if state.strip() else ""
+
+
+def parse_sacct(text: str) -> dict[str, dict[str, Any]]:
+    """`sacct -n -P -X -D -o JobID,State,Elapsed,ExitCode` -> {job_id: {state, elapsed,
+    exit_code, attempts}}. With -D every attempt of a requeued job is a line; the last wins."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 2 or not parts[0]:
+            continue
+        jid = parts[0]
+        prev = out.get(jid, {"attempts": 0})
+        out[jid] = {"state": _first_word(parts[1]), "elapsed": parts[2] if len(parts) > 2 else "",
+                    "exit_code": parts[3] if len(parts) > 3 else "", "attempts": prev["attempts"] + 1}
+    return out
+
+
+def _slurm_states(job_ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], str]:
+    """States of SLURM jobs from sacct, else squeue (running/pending only). (states, note)."""
+    ids = sorted({j.split("_")[0] for j in job_ids})
+    if not ids:
+        return {}, ""
+    if shutil.which("sacct"):
+        try:
+            res = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(ids), "-o",
+                                  "JobID,State,Elapsed,ExitCode"], capture_output=True, text=True, timeout=30)
+            if res.returncode == 0:
+                return parse_sacct(res.stdout), ""
+            note = f"sacct failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            note = f"sacct failed: {e}"
+    else:
+        note = "sacct not found"
+    if shutil.which("squeue"):
+        try:
+            res = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"], capture_output=True,
+                                 text=True, timeout=30)
+            if res.returncode == 0:
+                states = {p[0]: {"state": p[1], "elapsed": p[2], "exit_code": "", "attempts": 1}
+                          for p in (ln.split("|") for ln in res.stdout.splitlines()) if len(p) >= 3}
+                return states, f"{note}; states from squeue (jobs that ended are not listed)"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return {}, note
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _local_state(rec: dict[str, Any]) -> dict[str, Any]:
+    """A local-executor job: its controller's pid, then its result files."""
+    jid = str(rec["job_id"])
+    if jid.isdigit() and _pid_alive(int(jid)):
+        return {"state": "RUNNING", "attempts": 1}
+    folder = Path(rec["folder"])
+    results = [folder / f"{jid}_{t}_result.pkl" for t in range(int(rec.get("tasks", 1)))]
+    if not any(p.is_file() for p in results):
+        return {"state": "ENDED (no result file: killed?)", "attempts": 1}
+    import pickle
+
+    outcomes = []
+    for p in results:
+        try:
+            with open(p, "rb") as f:
+                outcomes.append(pickle.load(f)[0])
+        except Exception:  # a result pickle we cannot read says nothing about success
+            outcomes.append("unreadable")
+    return {"state": "COMPLETED" if all(o == "success" for o in outcomes) else "FAILED", "attempts": 1}
+
+
+def job_states(records: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
+    """{job_id: state info} for records of either executor, and a note on where they came from."""
+    slurm_ids = [str(r["job_id"]) for r in records if r.get("cluster") == "slurm"]
+    states, note = _slurm_states(slurm_ids)
+    for r in records:
+        if r.get("cluster") == "local":
+            states[str(r["job_id"])] = _local_state(r)
+    return states, note
+
+
+def state_of(states: dict[str, dict[str, Any]], job_id: str) -> dict[str, Any]:
+    if job_id in states:
+        return states[job_id]
+    # A pending array element shows as 12_[2-3] until it starts.
+    m = re.fullmatch(r"(\d+)_(\d+)", job_id)
+    if m:
+        for k, v in states.items():
+            g = re.fullmatch(rf"{m.group(1)}_\[([^\]%]*)(%\d+)?\]", k)  # sacct: 31_[1-3%2]
+            if g and any(_in_range(int(m.group(2)), r) for r in g.group(1).split(",")):
+                return v
+    return {"state": "UNKNOWN", "attempts": 0}
+
+
+def _in_range(i: int, spec: str) -> bool:
+    lo, _, hi = spec.partition("-")
+    try:
+        return int(lo) <= i <= int(hi or lo)
+    except ValueError:
+        return False
+
+
+def results_written(rec: dict[str, Any], job_id: str) -> bool:
+    """Every task of `job_id` wrote its submitit result: its work is over, even while SLURM
+    still reports the job RUNNING (it takes a few seconds to tear the steps down)."""
+    folders = dict(zip(rec.get("job_ids") or [], rec.get("folders") or []))
+    folder = Path(folders.get(job_id) or rec.get("folder", ""))
+    tasks = 1 if "job_ids" in rec else int(rec.get("tasks", 1))
+    return all((folder / f"{job_id}_{t}_result.pkl").is_file() for t in range(tasks))
+
+
+def active_jobs(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(job_id, state) of recorded jobs that are still pending or running."""
+    if not records:
+        return []
+    states, _ = job_states(records)
+    out = []
+    for r in records:
+        for jid in r.get("job_ids") or [str(r["job_id"])]:
+            st = state_of(states, jid)["state"]
+            if st in ACTIVE_STATES and not results_written(r, jid):
+                out.append((jid, st))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Precompute: which tasks are unfinished.
+
+
+def task_shards(raw_spec: str, num_tasks: int) -> list[list[str]]:
+    """Raw shard names of each task of an array of `num_tasks` (data/shards.split_for_task)."""
+    from latentforge.data import shards
+
+    urls = shards.expand_shards(raw_spec)
+    return [[shards.shard_name(u) for u in shards.split_for_task(urls, i, num_tasks)] for i in range(num_tasks)]
+
+
+def incomplete_tasks(latent_dir: Path, raw_spec: str, num_tasks: int) -> list[int]:
+    """Tasks with at least one raw shard whose manifest is missing (precompute writes a
+    shard's manifest last, so a missing one means the shard is not done)."""
+    from latentforge.data import latents as lat
+
+    return [i for i, names in enumerate(task_shards(raw_spec, num_tasks))
+            if any(not lat.shard_manifest_path(latent_dir, n).exists() for n in names)]
+
+
+def tail_lines(path: Path, n: int, max_bytes: int = 256_000) -> str:
+    """The last `n` lines of a log, reading at most `max_bytes` from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return f"    ({path}: no such log yet)"
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return "\n".join("    " + ln for ln in lines[-n:]) if lines else f"    ({path}: empty)"
