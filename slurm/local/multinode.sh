@@ -12,6 +12,11 @@
 #   slurm/local/multinode.sh kill-node NAME    # SIGKILL everything in one node's namespace (a lost node)
 #   slurm/local/multinode.sh down [--wipe]     # stop everything, remove namespaces, links, hosts lines
 #
+# Several test sessions may share the cluster: `up --holder PID` records that process as a
+# user, and `down --holder PID` forgets it and tears down only when no recorded user is still
+# alive (a plain `down` always tears down). A user that wants another node count while others
+# are alive is refused.
+#
 # stdout carries only the `export ...` lines; progress and errors go to stderr. When network
 # namespaces cannot be made here (not root, no ip/nsenter/unshare, the kernel refuses) `up`
 # exits 77 after one line "... error: network namespaces unavailable: WHY".
@@ -82,6 +87,7 @@ SLURMD_SPOOL=$PREFIX/spool/%n
 SLURMD_PIDFILE=$PREFIX/run/slurmd.%n.pid
 SLURMD_LOGFILE=$PREFIX/log/slurmd.%n.log
 NODES_FILE=$PREFIX/etc/nodes
+HOLDERS=$PREFIX/holders  # one file per user process (`--holder PID`): its start time
 TASK_PROLOG=$PREFIX/etc/task_prolog.sh
 HOSTS_MARK="# latentforge multinode.sh $PREFIX"
 NO_NETNS_RC=77
@@ -128,6 +134,32 @@ is_node() {
     local n
     for n in "${NODES[@]}"; do [[ $n == "$1" ]] && return 0; done
     return 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Users (holders): PREFIX/holders/PID holds the process's start time, so a reused pid is not
+# mistaken for the process that registered.
+
+proc_start() { sed -E 's/^.*\) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'; }
+
+# live_holders [EXCEPT]: the recorded users still alive (minus EXCEPT); forgets the dead.
+live_holders() {
+    local f pid live=()
+    [[ -d $HOLDERS ]] || return 0
+    for f in "$HOLDERS"/*; do
+        [[ -e $f ]] || continue
+        pid=${f##*/}
+        if pid_alive "$pid" && [[ $(proc_start "$pid") == "$(cat "$f")" ]]; then
+            [[ $pid == "${1:-}" ]] || live+=("$pid")
+        else
+            rm -f "$f"
+        fi
+    done
+    echo "${live[*]}"
+}
+
+check_holder() {
+    [[ $1 =~ ^[0-9]+$ ]] && pid_alive "$1" || die "--holder $1: not a running process id"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -331,9 +363,14 @@ stop_slurm() {
 # Commands
 
 cmd_up() {
-    local n=2 i node old=() spools=()
+    local n=2 i node old=() spools=() holder="" others
     while (($#)); do
         case $1 in
+            --holder)
+                [[ $# -ge 2 ]] || die "up: --holder needs a process id"
+                holder=$2
+                shift 2
+                ;;
             --nodes)
                 [[ $# -ge 2 ]] || die "up: --nodes needs a number"
                 n=$2
@@ -343,18 +380,23 @@ cmd_up() {
                 n=${1#--nodes=}
                 shift
                 ;;
-            *) die "up: unknown option $1 (only --nodes N)" ;;
+            *) die "up: unknown option $1 (only --nodes N, --holder PID)" ;;
         esac
     done
     [[ $n =~ ^[0-9]+$ ]] && ((10#$n >= 1 && 10#$n <= MAX_NODES)) || die "up: --nodes $n: want 1 to $MAX_NODES"
     n=$((10#$n))
+    if [[ -n $holder ]]; then check_holder "$holder"; fi
     check_netns_tools
     for b in "${BINARIES[@]}"; do
         command -v "$b" >/dev/null 2>&1 || die "up: $b not found; run '$0 install' first"
     done
 
-    # Nodes of an earlier `up` with another count: the ones not wanted now go.
+    # Nodes of an earlier `up` with another count: the ones not wanted now go, unless others use them.
     if read_nodes; then old=("${NODES[@]}"); fi
+    if ((${#old[@]} && ${#old[@]} != n)); then
+        others=$(live_holders "$holder")
+        [[ -z $others ]] || die "up: the cluster runs ${#old[@]} nodes for processes $others; it cannot change to $n now"
+    fi
     NODES=()
     for ((i = 1; i <= n; i++)); do NODES+=("$STEM$i"); done
     for node in "${old[@]}"; do
@@ -374,6 +416,7 @@ cmd_up() {
     if render_task_prolog | write_if_changed "$TASK_PROLOG" 755; then CONF_CHANGED=1; fi
     # Fast path: everything running with the same config.
     if ((CONF_CHANGED == 0)) && controller_alive && slurmds_alive && nodes_usable; then
+        register_holder "$holder"
         print_env
         return 0
     fi
@@ -389,17 +432,40 @@ cmd_up() {
             node_usable "$node"
     done
     check_controller
+    register_holder "$holder"
     log "up: cluster $CLUSTER, partition $PARTITION, nodes ${NODES[*]} ($NCPUS CPUs each) on $BRIDGE $SUBNET.0/24"
     print_env
 }
 
+register_holder() {
+    [[ -n $1 ]] || return 0
+    mkdir -p "$HOLDERS"
+    proc_start "$1" >"$HOLDERS/$1"
+}
+
 cmd_down() {
-    local wipe=0 node
-    case ${1:-} in
-        --wipe) wipe=1 ;;
-        "") ;;
-        *) die "down: unknown option $1 (only --wipe)" ;;
-    esac
+    local wipe=0 node holder="" others
+    while (($#)); do
+        case $1 in
+            --wipe) wipe=1 ;;
+            --holder)
+                [[ $# -ge 2 ]] || die "down: --holder needs a process id"
+                holder=$2
+                shift
+                ;;
+            *) die "down: unknown option $1 (only --wipe, --holder PID)" ;;
+        esac
+        shift
+    done
+    if [[ -n $holder ]]; then
+        rm -f "$HOLDERS/$holder"
+        others=$(live_holders)
+        if [[ -n $others ]]; then
+            log "down: still used by processes $others; leaving the cluster up"
+            return 0
+        fi
+    fi
+    rm -rf "$HOLDERS"
     read_nodes || true
     for node in "${NODES[@]}"; do remove_node "$node"; done
     stop_controller
@@ -462,7 +528,7 @@ main() {
         kill-node) locked kill-node cmd_kill_node "$@" ;;
         status) cmd_status ;;
         *)
-            echo "usage: $0 {install|up [--nodes N]|down [--wipe]|status|kill-node NAME}" >&2
+            echo "usage: $0 {install|up [--nodes N] [--holder PID]|down [--wipe] [--holder PID]|status|kill-node NAME}" >&2
             exit 2
             ;;
     esac
