@@ -13,6 +13,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
+from slurm_multinode import slurm_multinode  # noqa: E402,F401  (fixture: several SLURM nodes in network namespaces)
 
 
 # ---------------------------------------------------------------------------------------
