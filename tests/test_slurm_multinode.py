@@ -12,6 +12,11 @@ from slurm_multinode import MULTINODE_SH, SlurmMultiNode
 
 pytestmark = pytest.mark.slurm
 
+
+def _node_states(cluster: SlurmMultiNode) -> list[str]:
+    """ "NAME STATE" per node, sorted."""
+    return sorted(s for s in cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout.split("\n") if s)
+
 # One rank per node. MASTER_ADDR is the first host of the job's node list and MASTER_PORT a
 # function of the job id (as slurm/templates/train.sbatch does); gloo binds to the interface
 # the cluster's TaskProlog names in GLOO_SOCKET_IFNAME.
@@ -35,8 +40,7 @@ dist.destroy_process_group()
 
 def test_two_idle_nodes_and_gloo_all_reduce_across_namespaces(slurm_multinode: SlurmMultiNode) -> None:
     cluster = slurm_multinode
-    states = cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout.split("\n")
-    assert sorted(s for s in states if s) == [f"{n} idle" for n in cluster.nodes] and len(cluster.nodes) == 2
+    assert _node_states(cluster) == [f"{n} idle" for n in cluster.nodes] and len(cluster.nodes) == 2
 
     # --time bounds the job itself should the rendezvous hang (the timeout below only stops srun).
     out = cluster.run(["srun", "-N2", "-n2", "--time=1", sys.executable, "-c", ALL_REDUCE], timeout=90).stdout
@@ -52,5 +56,4 @@ def test_kill_node_leaves_nothing_running_there_and_restore_brings_it_back(slurm
     assert cluster.run(["ip", "netns", "pids", lost]).stdout.split() == []
     assert cluster.run([str(MULTINODE_SH), "status"], check=False).returncode == 3  # its slurmd is down
     cluster.restore()
-    states = cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout.split("\n")
-    assert sorted(s for s in states if s) == [f"{n} idle" for n in cluster.nodes]
+    assert _node_states(cluster) == [f"{n} idle" for n in cluster.nodes]
