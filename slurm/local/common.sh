@@ -428,7 +428,8 @@ start_slurmctld() {
     log "starting slurmctld"
     require_free_port slurmctld "$PORT_BASE"
     rm -f "$PREFIX/run/slurmctld.pid"
-    "${CTLD_LAUNCH[@]}" slurmctld -f "$CONF" 9>&- || { tail_log "$PREFIX/log/slurmctld.log"; die "slurmctld failed to start"; }
+    "${CTLD_LAUNCH[@]}" slurmctld -f "$CONF" 9>&- ||
+        { tail_log "$PREFIX/log/slurmctld.log"; die "slurmctld failed to start"; }
     wait_for slurmctld "$PREFIX/run/slurmctld.pid" "$PREFIX/log/slurmctld.log" scontrol ping
     require_alive slurmctld "$PREFIX/run/slurmctld.pid" "$PREFIX/log/slurmctld.log"
 }

@@ -106,10 +106,12 @@ validate_knobs() {
     [[ $SUBNET =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] ||
         die "LF_SLURM_MULTI_SUBNET=$SUBNET: want the first three octets of a /24, e.g. 10.77.0"
     for o in "${BASH_REMATCH[@]:1}"; do ((10#$o <= 255)) || die "LF_SLURM_MULTI_SUBNET=$SUBNET: octet $o > 255"; done
-    [[ $BRIDGE =~ ^[A-Za-z][A-Za-z0-9_-]{0,14}$ ]] || die "LF_SLURM_MULTI_BRIDGE=$BRIDGE: want 1-15 letters, digits, - or _"
+    [[ $BRIDGE =~ ^[A-Za-z][A-Za-z0-9_-]{0,14}$ ]] ||
+        die "LF_SLURM_MULTI_BRIDGE=$BRIDGE: want 1-15 letters, digits, - or _"
     # Node names are hostnames and namespace names; NAME-h (the host end of its link) must fit
     # the kernel's 15-character interface names.
-    [[ $STEM =~ ^[a-z][a-z0-9-]{0,8}$ ]] || die "LF_SLURM_MULTI_NODE_STEM=$STEM: want 1-9 lowercase letters, digits or -, a letter first"
+    [[ $STEM =~ ^[a-z][a-z0-9-]{0,8}$ ]] ||
+        die "LF_SLURM_MULTI_NODE_STEM=$STEM: want 1-9 lowercase letters, digits or -, a letter first"
     [[ $PORT_BASE =~ ^[0-9]+$ ]] && ((PORT_BASE >= 1024 && PORT_BASE <= 65533)) ||
         die "$PORT_KNOB=$PORT_BASE: want a port in 1024-65533"
 }
@@ -332,7 +334,8 @@ start_slurmd() {
     rm -f "$pidfile"
     # nsenter (not `ip netns exec`, see the top), then a UTS namespace with the node's hostname.
     # Nothing forks on the way: slurmd itself daemonises, and its daemon keeps both namespaces.
-    in_node "$node" "${AS_HOST[@]}" "$node" slurmd -f "$CONF" -N "$node" </dev/null 9>&- || { tail_log "$logfile"; die "slurmd on $node failed to start"; }
+    in_node "$node" "${AS_HOST[@]}" "$node" slurmd -f "$CONF" -N "$node" </dev/null 9>&- ||
+        { tail_log "$logfile"; die "slurmd on $node failed to start"; }
 }
 
 slurmds_alive() {
@@ -395,7 +398,8 @@ cmd_up() {
     if read_nodes; then old=("${NODES[@]}"); fi
     if ((${#old[@]} && ${#old[@]} != n)); then
         others=$(live_holders "$holder")
-        [[ -z $others ]] || die "up: the cluster runs ${#old[@]} nodes for processes $others; it cannot change to $n now"
+        [[ -z $others ]] ||
+            die "up: the cluster runs ${#old[@]} nodes for processes $others; it cannot change to $n now"
     fi
     NODES=()
     for ((i = 1; i <= n; i++)); do NODES+=("$STEM$i"); done
@@ -420,7 +424,8 @@ cmd_up() {
         print_env
         return 0
     fi
-    if ((CONF_CHANGED)) && { pidfile_alive "$PREFIX/run/slurmctld.pid" || pidfile_alive "$PREFIX/run/slurmdbd.pid"; }; then
+    if ((CONF_CHANGED)) &&
+        { pidfile_alive "$PREFIX/run/slurmctld.pid" || pidfile_alive "$PREFIX/run/slurmdbd.pid"; }; then
         log "config changed: restarting the SLURM daemons"
         stop_slurm
     fi
@@ -528,7 +533,8 @@ main() {
         kill-node) locked kill-node cmd_kill_node "$@" ;;
         status) cmd_status ;;
         *)
-            echo "usage: $0 {install|up [--nodes N] [--holder PID]|down [--wipe] [--holder PID]|status|kill-node NAME}" >&2
+            local usage="{install|up [--nodes N] [--holder PID]|down [--wipe] [--holder PID]|status|kill-node NAME}"
+            echo "usage: $0 $usage" >&2
             exit 2
             ;;
     esac
