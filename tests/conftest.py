@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 # A tiny latent dataset shared by the end-to-end tests: synthetic shapes -> precompute.
 import pytest  # noqa: E402
 from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
+from slurm_multinode import slurm_multinode  # noqa: E402,F401  (fixture: several SLURM nodes in network namespaces)
 
 # Small enough for CPU tests: 32 px images, the tiny preset's pixel codec,
 # a (32, 64) U-Net, the tiny random open_clip. The tests train the eps objective (the
@@ -50,7 +51,7 @@ def tiny_data(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------
 # Ranks started directly, as torchrun or SLURM would (RANK/WORLD_SIZE/MASTER_* in the
-# environment), not through launch.local: tests can SIGKILL one rank and watch the others,
+# environment), not through latentforge/spawn.py: tests can SIGKILL one rank and watch the others,
 # and can run a test-only preamble (monkeypatches) in every rank before the CLI.
 
 
@@ -109,7 +110,7 @@ def tiny_eval_run(tiny_data):
 @pytest.fixture(scope="session")
 def train_run(tiny_data):
     """train_run(name, *overrides, nproc=2) -> (run_dir, log text): `latentforge train` on the
-    tiny data in a subprocess (through launch.local), once per session for each distinct
+    tiny data in a subprocess (through latentforge/spawn.py), once per session for each distinct
     (name, overrides, nproc), so test files share runs. Fails the test if the run fails."""
     import hashlib
     import subprocess

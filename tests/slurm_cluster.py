@@ -94,6 +94,17 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"local SLURM cluster unavailable: {reason}")
 
 
+def parse_exports(stdout: str) -> dict[str, str]:
+    """The `export KEY=VALUE` lines a cluster script prints on stdout, as a dict."""
+    exports = {}
+    for line in stdout.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, _, value = words[1].partition("=")
+            exports[key] = value
+    return exports
+
+
 def start_cluster(prefix: str | None = None) -> SlurmCluster:
     """Install if needed and possible, start (or reuse) the cluster; skip if it cannot run."""
     if os.geteuid() != 0:
@@ -109,12 +120,7 @@ def start_cluster(prefix: str | None = None) -> SlurmCluster:
     if res.returncode != 0:
         # cluster.sh prints the failing daemon's log tail on stderr.
         _unavailable(f"`cluster.sh up` failed:\n{_tail(res.stderr)}")
-    exports = {}
-    for line in res.stdout.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            key, _, value = words[1].partition("=")
-            exports[key] = value
+    exports = parse_exports(res.stdout)
     if "SLURM_CONF" not in exports:
         _unavailable(f"`cluster.sh up` printed no SLURM_CONF:\n{res.stdout}")
     return SlurmCluster(prefix=Path(exports["SLURM_CONF"]).parent.parent, env=exports)
