@@ -1,11 +1,14 @@
 # The two commands a new user needs:
 #   make demo   the whole pipeline on the embedded defaults (synthetic data, 2 local ranks, local MLflow)
-#   make test   the test suite (starts a local SLURM cluster and MLflow servers where tests need them)
+#   make test   lint, then the test suite (starts a local SLURM cluster and MLflow servers where tests need them)
+# and for maintainers:
+#   make lint   ruff (pyflakes and import order, as configured in pyproject.toml)
+#   make lock   rewrite requirements/lock.txt from .venv (after an upgrade and a green `make test`)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast slurm-up slurm-down bench clean
+.PHONY: venv demo test test-fast lint lock slurm-up slurm-down clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -13,12 +16,20 @@ venv:
 demo: venv
 	$(PY) -m latentforge.launch.cli demo
 
-test: venv
-	@bash slurm/local/cluster.sh up >/dev/null 2>&1 || echo "[make test] the local SLURM cluster did not start; SLURM tests will say why they skip"
+# The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
+# did not start, is shown.
+test: venv lint
+	@bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not slurm and not mlflow_server" $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+
+lock: venv
+	VENV=$(VENV) bash scripts/lock.sh
 
 slurm-up:
 	bash slurm/local/cluster.sh up

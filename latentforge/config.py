@@ -415,7 +415,10 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     text = p.read_text()
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib  # Python 3.11+
+            except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml", ".json"):
