@@ -42,6 +42,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from latentforge import torch_compat
 from latentforge.data import latents as lat
 
 # Text embeddings leave the loader as stored: fp16. The model casts them to its compute
@@ -370,7 +371,7 @@ def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, An
     """Uninitialised batch tensors for n real samples, padding rows n..B-1 zeroed.
 
     In a DataLoader worker every tensor is allocated in shared memory, as DataLoader's own
-    default_collate does (`_typed_storage()._new_shared`): sending it to the main process
+    default_collate does (`torch_compat.new_shared`): sending it to the main process
     then costs no copy, where a private tensor would be copied into a new segment. Fresh
     shared memory still costs a page fault per 4 KiB, written here and read there (about
     1 ms per MB on a busy VM): the reason text stays fp16 (TEXT_DTYPE).
@@ -380,9 +381,7 @@ def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, An
     def alloc(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not in_worker:
             return torch.empty(shape, dtype=dtype)
-        proto = torch.empty(0, dtype=dtype)
-        storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
-        return proto.new(storage).resize_(*shape)
+        return torch_compat.new_shared(shape, dtype)
 
     batch: dict[str, Any] = {
         "latents": alloc(B, *shapes["latent"]),
@@ -483,6 +482,8 @@ class LatentLoader:
         source: Iterator[dict[str, Any]] | None = None
         if self._k < len(schedule):
             nw = self.layout.num_workers
+            if nw:
+                torch_compat.check_version()  # here, once, not as a traceback from inside a worker
             # Pinned host memory makes the trainer's .to(device) an async DMA on CUDA.
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                              prefetch_factor=self.prefetch_factor if nw else None,

@@ -16,7 +16,7 @@ requeue kills the other ranks mid-save. So `TrainJob.__call__` replaces submitit
 and SIGTERM handlers on every rank, before anything slow, with ones that only set the
 training loop's STOP flag. The loop agrees on the flag at a step boundary, every rank saves,
 `train()` returns `preempted=True`, and only then rank 0 requeues, with submitit's own
-bookkeeping (the timeout countdown in the submitted pickle, `JobEnvironment._requeue`):
+bookkeeping (the timeout countdown in the submitted pickle, its requeue; launch/submitit_compat.py):
 
 - SIGUSR2 (pre-timeout or preemption warning): checkpoint, then requeue unless submitit's
   maximum number of timeouts (the profile's `max_num_timeout`) is used up; then the job
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentforge.launch import submitit_compat
 from latentforge.log import ALL_RANKS, get_logger
 from latentforge.log import configure as configure_logging
 from latentforge.spawn import REQUEUE_EXIT_CODE
@@ -79,17 +80,9 @@ class RequeueRefused(RuntimeError):
     """A preempted job that will not be requeued; the message says why."""
 
 
-def submitit_timed_out(walltime_s: float, timeout_min: float) -> bool:
-    """submitit 1.5.4's rule (SignalHandler.has_timed_out): a signal counts as a timeout once
-    the job ran min(80 % of its limit, limit - 10 min). So with a limit of 10 minutes or
-    less every signal is a timeout and uses up one of `max_num_timeout`."""
-    limit_s = timeout_min * 60
-    return walltime_s >= min(0.8 * limit_s, limit_s - 600)
-
-
 def requeue_refusal(countdown: int) -> str:
     """Why a stopped job must not be requeued ("" = requeue it). `countdown`: timeouts left
-    after this stop (submitit's `_timeout_countdown`, minus one if this stop was a timeout)."""
+    after this stop (submitit's countdown, minus one if this stop was a timeout)."""
     if countdown < 0:
         return ("it reached its time limit more times than the profile's max_num_timeout allows "
                 "(raise it, or time_min, for a longer run)")
@@ -122,12 +115,6 @@ def _latest_step(run_dir: Path) -> int:
 
     tag = ckpt_layout.latest_tag(run_dir)
     return int(ckpt_layout.meta(run_dir, tag)["step"]) if tag else 0
-
-
-def _delayed(fn: Any, *args: Any) -> Any:
-    from submitit.helpers import DelayedSubmission
-
-    return DelayedSubmission(fn, *args)
 
 
 @dataclass(frozen=True)
@@ -186,24 +173,21 @@ class TrainJob:
         (what its SignalHandler.checkpoint_and_try_requeue does, after the save instead of
         in the signal handler)."""
         import submitit
-        from submitit.core import utils as su
 
         jenv = submitit.JobEnvironment()
         paths = jenv.paths
-        current = su.DelayedSubmission.load(paths.submitted_pickle)
-        timed_out = submitit_timed_out(walltime_s, current._timeout_min)
-        countdown = current._timeout_countdown - int(timed_out)
+        timeout_min, left = submitit_compat.submitted_timeout(paths.submitted_pickle)
+        timed_out = submitit_compat.timed_out(walltime_s, timeout_min)
+        countdown = left - int(timed_out)
         reason = requeue_refusal(countdown)
         if reason:
             raise RequeueRefused(f"job {jenv.job_id} not requeued: {reason}. The checkpoint at step {step} is in "
                                  f"{self.run_dir}; resubmit the same command to continue.")
-        nxt = su.DelayedSubmission(self)  # the same job: it finds `latest` by itself
-        nxt.set_timeout(current._timeout_min, countdown)
-        with su.temporary_save_path(paths.submitted_pickle) as tmp:
-            nxt.dump(tmp)
+        # The same job: it finds `latest` by itself.
+        submitit_compat.rewrite_submission(paths.submitted_pickle, self, timeout_min, countdown)
         log.info(f"{'timed out' if timed_out else 'preempted'}: checkpointed at step {step}; requeueing job "
                  f"{jenv.job_id} ({countdown} timeout(s) left)")
-        jenv._requeue(countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144, the controller restarts
+        submitit_compat.requeue(jenv, countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144
         sys.exit(REQUEUE_EXIT_CODE)
 
     def checkpoint(self) -> Any:
@@ -213,7 +197,7 @@ class TrainJob:
         loop = sys.modules.get("latentforge.training.loop")
         if loop is not None:
             loop.STOP.set(signal.SIGUSR2)
-        return _delayed(self)
+        return submitit_compat.delayed(self)
 
 
 @dataclass(frozen=True)
@@ -236,7 +220,7 @@ class EvalJob:
         return code
 
     def checkpoint(self) -> Any:
-        return _delayed(self)
+        return submitit_compat.delayed(self)
 
 
 @dataclass(frozen=True)
@@ -262,4 +246,4 @@ class PrecomputeJob:
         return {k: v for k, v in summary.items() if isinstance(v, (int, str))}
 
     def checkpoint(self, task_index: int) -> Any:
-        return _delayed(self, task_index)
+        return submitit_compat.delayed(self, task_index)

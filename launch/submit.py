@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from latentforge.launch import records as jobrec
+from latentforge.launch import submitit_compat
 from latentforge.launch.jobs import ConfigSource, EvalJob, PrecomputeJob, TrainJob
 from latentforge.launch.profiles import Profile, find_profile, load_profile
 
@@ -230,9 +231,13 @@ def describe(sub: Submission) -> str:
     ])
 
 
+def _tasks(job: Any) -> list[Any]:
+    """The job's tasks (a multi-task job has one sub-job per task; else the job itself)."""
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
 def _result_files(job: Any) -> list[Path]:
-    subs = getattr(job, "_sub_jobs", None) or [job]
-    return [s.paths.result_pickle for s in subs]
+    return [t.paths.result_pickle for t in _tasks(job)]
 
 
 def _terminal(job: Any, state: str) -> bool:
@@ -254,7 +259,7 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
         still = []
         for job in pending:
             state = job.state if job.__class__.__name__ == "LocalJob" else \
-                job.watcher.get_state(job.job_id, mode="force" if job is pending[0] else "cache")
+                submitit_compat.job_state(job, force=job is pending[0])
             if last.get(job.job_id) != state and state != "UNKNOWN":  # UNKNOWN: sacct has not seen it yet
                 out(f"[submit] job {job.job_id}: {state}")
                 last[job.job_id] = state
@@ -283,7 +288,7 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
 def job_failure(job: Any) -> str:
     """"" for a job whose every task returned, else the reason (the task's traceback tail,
     or the scheduler state of a job that left no result)."""
-    for sj in getattr(job, "_sub_jobs", None) or [job]:
+    for sj in _tasks(job):
         if not sj.paths.result_pickle.exists():
             state = sj.state
             tail = jobrec.tail_lines(sj.paths.stderr, 15)

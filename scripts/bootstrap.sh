@@ -49,7 +49,8 @@ echo "[bootstrap] installing latentforge[dev] into $VENV at $what (torch 2.14.1 
 "$VENV/bin/python" -m pip install -q ${constraints[@]+"${constraints[@]}"} -e '.[dev]' 2>&1 \
   | { grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -m pip check 2>&1 | { grep -v "^WARNING: Location" || true; }
-"$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset" \
+DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} \
+  "$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset" \
   || { echo "[bootstrap] the install is incomplete: an import failed above" >&2; exit 1; }
 rm -f "$VENV"/.latentforge-installed-*
 touch "$stamp"
