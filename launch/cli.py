@@ -15,6 +15,7 @@ Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, 
     latentforge status RUN_DIR                job state, step, last metrics, log tail
     latentforge runs compare EXPERIMENT       compare MLflow runs
     latentforge ckpt universal RUN_DIR        universal checkpoint: resume at another world size
+    latentforge shipped [profile|template N]  the shipped cluster profiles and sbatch templates, and where
     latentforge demo                          the whole pipeline on the embedded defaults
 """
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="submit precompute/train/eval through submitit")
     sb.add_argument("kind", choices=["precompute", "train", "eval"])
-    sb.add_argument("--profile", required=True, help="cluster profile YAML (see slurm/profiles/)")
+    sb.add_argument("--profile", required=True,
+                    help="cluster profile: a YAML path or a shipped name (`latentforge shipped` lists them)")
     sb.add_argument("--target", default=None, help="eval: RUN_DIR or export to evaluate")
     sb.add_argument("--wait", action="store_true", help="block until the job finishes")
     sb.add_argument("--num-tasks", type=int, default=None,
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     rc = rsub.add_parser("compare", help="table of an experiment's runs")
     rc.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sh = sub.add_parser("shipped", help="the cluster profiles and sbatch templates this install ships, and where")
+    sh.add_argument("kind", nargs="?", choices=["profile", "template"], help="print the path of one")
+    sh.add_argument("name", nargs="?", help="its name (local, gpu-8x, train, ...)")
 
     dm = sub.add_parser("demo", help="synth -> precompute -> train (2 ranks) -> eval -> export on the tiny preset")
     dm.add_argument("--run-root", default="runs", help="where data, runs and the MLflow store go")
@@ -240,6 +246,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return runs_main(args.rest)
 
 
+def cmd_shipped(args: argparse.Namespace) -> int:
+    from latentforge.launch import profiles
+
+    if args.kind is None:
+        for title, folder, suffix in (("profiles (--profile NAME)", profiles.PROFILES_DIR, ".yaml"),
+                                      ("sbatch templates (sbatch PATH ...)", profiles.TEMPLATES_DIR, ".sbatch")):
+            print(f"{title}: {folder}")
+            for name, path in profiles.shipped(folder, suffix).items():
+                print(f"  {name:<18} {path}")
+        return 0
+    if not args.name:
+        raise ValueError(f"shipped {args.kind}: give a name (`latentforge shipped` lists them)")
+    if args.kind == "profile":
+        path = profiles.find_profile(args.name)
+        profiles.load_profile(path)  # a shipped profile that does not validate is a bug: say so here
+    else:
+        path = profiles.find_template(args.name)
+    print(path.resolve())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from latentforge.launch.demo import demo
 
@@ -249,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 HANDLERS = {
     "precompute": cmd_precompute, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
     "sample": cmd_sample, "submit": cmd_submit, "status": cmd_status, "runs": cmd_runs, "demo": cmd_demo,
-    "ckpt": cmd_ckpt,
+    "ckpt": cmd_ckpt, "shipped": cmd_shipped,
 }
 
 
