@@ -7,14 +7,14 @@ Two codecs share one small interface (`ImageCodec`):
   pipeline run on a laptop with no pretrained weights, and its exactness makes data-path
   bugs visible (decode(encode(x)) == x bitwise).
 - `VAECodec`: a diffusers `AutoencoderKL` loaded from a local directory (offline by
-  design, DESIGN.md). `encode` returns the posterior (mean, std); precompute stores it
+  design, docs/security.md). `encode` returns the posterior (mean, std); precompute stores it
   raw and the loader samples `mean + std * eps` and applies `(z - shift) * scale` just in
-  time (STYLE.md item 6, after EDM2 `training/encoders.py`). `decode` takes the UNscaled
+  time (as EDM2's `training/encoders.py` does). `decode` takes the UNscaled
   latent: the caller undoes `z / scale + shift` first.
 
 `identity()` lists everything that shapes the numbers (kind, architecture, weights hash,
 dtype, scale, shift) and never the path, so a moved copy of the same weights still
-matches the manifests written with it. diffusers is imported late (STYLE.md item 13).
+matches the manifests written with it. diffusers is imported late (it is slow to import).
 """
 
 from __future__ import annotations

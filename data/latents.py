@@ -20,7 +20,8 @@ One tar sample per raw sample kept (WebDataset naming, `KEY.field.ext`):
     KEY.json           {"text_len": int, "orig_width", "orig_height", "crop_top", "crop_left", ...}
 
 Latents are stored raw (the posterior, before scale and shift); the loader samples
-`mean + std * eps` and applies `(z - shift) * scale` just in time (STYLE.md item 6).
+`mean + std * eps` and applies `(z - shift) * scale` just in time, so the model has no
+"precomputed?" branch (docs/data-formats.md).
 
 Every file here is a pure function of its content: tars have fixed member metadata, JSON
 is written with sorted keys, the npz has fixed zip timestamps. So a re-run after a crash

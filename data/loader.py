@@ -1,7 +1,6 @@
 """The latent-shard loader: exactly once per epoch, resumable at any world size.
 
-The epoch's order is a pure function of (seed, epoch, dataset) at shard granularity
-(DESIGN.md, "Hints on the hard parts"):
+The epoch's order is a pure function of (seed, epoch, dataset) at shard granularity:
 
     shard order      a seeded permutation of the dataset's shard parts
     sample order     a seeded permutation inside each part
@@ -412,7 +411,7 @@ def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict
 def _leave_sigterm_to_the_rank(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM. SLURM (scancel, preemption) sends it to every process
     of a job step; torch's own worker handler would die on it, and the rank would then fail
-    with "DataLoader worker exited unexpectedly" instead of checkpointing (DESIGN.md,
+    with "DataLoader worker exited unexpectedly" instead of checkpointing (docs/guarantees.md,
     guarantee 4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a
     timeout, and a worker exits by itself when its rank is gone."""
     import signal

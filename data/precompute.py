@@ -25,7 +25,7 @@ followed by a re-run writes the same bytes as a clean run.
 
 Every raw sample is either written or listed as rejected with a reason, and
 seen == written + rejected is checked for every shard before its manifest is written
-(DESIGN.md guarantee 1).
+(docs/guarantees.md, 1).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ then `ln_final`. The pooled embedding is exactly open_clip's `encode_text(normal
 the EOT token of the final layer after `ln_final`, projected by `text_projection`.
 Both come out of one pass: the penultimate activations are kept on the way through.
 
-Weights load offline (DESIGN.md, "Offline by design"), from `text.pretrained`:
+Weights load offline (docs/security.md, "Offline by design"), from `text.pretrained`:
 
 - a checkpoint file (what open_clip's `create_model(name, pretrained=FILE)` accepts: a
   plain state dict, or open_clip_train's `{"state_dict": ...}` checkpoint);
@@ -25,7 +25,7 @@ Only the text tower is kept: the model is built on the CPU with open_clip's own 
 (so checkpoint conversions and strict key checks stay open_clip's), then `model.visual`
 is deleted before moving to the device. The trade-off: the vision tower exists briefly in
 host memory while loading (ViT-H-14: about 2.5 GB fp32), never on the GPU.
-open_clip is imported late (STYLE.md item 13).
+open_clip is imported late (it is slow to import).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ at 0 as Hessel et al. define it. (torchmetrics clamps the mean instead; the two 
 whenever no pair has a negative cosine, which is the normal case for a trained CLIP.)
 
 The reported number is the mean over all pairs on all ranks: each rank sums its per-pair
-scores in float64 and counts them, one all-reduce of [sum, count], then sum / count
-(STYLE.md item 9). Ranks may hold different numbers of pairs.
+scores in float64 and counts them, one all-reduce of [sum, count], then sum / count.
+Ranks may hold different numbers of pairs.
 
-Weights come only from local paths (DESIGN.md, "Offline by design"):
+Weights come only from local paths (docs/security.md, "Offline by design"):
 
 - `pretrained="/path/open_clip_pytorch_model.bin"` (or .safetensors, or an open_clip
   training checkpoint with a `state_dict`) with `arch` a built-in open_clip name such as

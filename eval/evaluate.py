@@ -27,7 +27,7 @@ What one `evaluate(model, step, tracker, cfg_scale=s)` computes; every rank take
 
 Without pretrained weights the same numbers are computed with seeded random networks and
 logged as eval/fid_randinit and eval/clip_score_randinit, never under the real names
-(DESIGN.md, "Metrics"). The full protocol (count, resolution, sampler, steps, CFG scale,
+(README.md, "MLflow"). The full protocol (count, resolution, sampler, steps, CFG scale,
 seed, weights hashes, reference key and cache hit) is written next to every evaluation as
 `eval/protocol_step_XXXXXXXX[_cfgS].json` and logged as an MLflow artifact; its stable
 parts also go to params `eval_protocol/*`.

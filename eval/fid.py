@@ -4,7 +4,7 @@ FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge 
 Nash Equilibrium") is the Fréchet distance between two Gaussians fitted to Inception-v3
 pool3 features of real and generated images.
 
-Distributed eval reduces statistics, not images (STYLE.md item 9; model: EDM2
+Distributed eval reduces statistics, not images (model: EDM2
 `calculate_metrics.py`): each rank accumulates, in float64, the sample count, the feature
 sum (D,) and the sum of outer products (D, D) of its own images; one all-reduce of one
 packed tensor; mean and covariance follow from the sums.
@@ -40,7 +40,7 @@ anything in steps 1-3 changes.
 
 Without pretrained weights, `load_inception(None, ...)` builds the same architecture with
 seeded random weights and marks it `is_random = True`; its FID must be logged as
-`eval/fid_randinit` (`extractor.metric_name`), never as `eval/fid` (DESIGN.md, "Metrics").
+`eval/fid_randinit` (`extractor.metric_name`), never as `eval/fid` (README.md, "MLflow").
 """
 
 from __future__ import annotations

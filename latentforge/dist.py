@@ -51,7 +51,7 @@ def init(timeout_s: float = 600.0) -> None:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
 
     A no-op for a single process without those variables. `timeout_s` bounds every
-    collective, so a dead rank makes the others fail instead of hanging (DESIGN.md,
+    collective, so a dead rank makes the others fail instead of hanging (docs/guarantees.md,
     guarantee 6). NCCL honours it only with async error handling, which we turn on.
     """
     if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1 and "MASTER_ADDR" not in os.environ:

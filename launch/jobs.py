@@ -6,7 +6,7 @@ imported inside `__call__`, on the compute node. A job re-resolves its config at
 finds `RUN_DIR/checkpoints/latest` itself: nothing pickled at submit time is trusted for
 resume, so a requeued job continues from whatever the last complete checkpoint is.
 
-Preemption and time limits (DESIGN.md, guarantee 4). SLURM sends SIGUSR2 to every task
+Preemption and time limits (docs/guarantees.md, 4). SLURM sends SIGUSR2 to every task
 `signal_delay_s` before the time limit (submitit writes `#SBATCH --signal=USR2@N`, which
 signals all job steps, not the batch shell), and on preemption where the site sends the
 user signal. submitit's own handler (core/job_environment.py, SignalHandler) runs on global

@@ -109,6 +109,7 @@ def test_lr_schedule_is_warmup_then_cosine_or_constant():
 
     cfg = _cfg("optim.lr=1e-3", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1",
                "train.max_steps=110")
+    # Python floats through a few operations: approx's default 1e-6 relative.
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 10) == pytest.approx(1e-3)
     assert lr_at(cfg, 60) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -131,11 +132,11 @@ def test_ema_shards_are_the_partition_of_the_whole_ema():
     shards = [EMA({k: shard_of(v, lay, k) for k, v in whole.items()}, cfg, lay, gather=lambda s: s) for lay in layouts]
     assert shards[0].shadow["w"].shape == (8,) and shards[1].shadow["b"].shape == (4,)  # ceil(n / 2), padded
     for i, params in enumerate(steps):
-        assert ref.update(params, i) == pytest.approx(min(0.9, 1 - (1 + i) ** -0.75))
+        assert ref.update(params, i) == pytest.approx(min(0.9, 1 - (1 + i) ** -0.75))  # a float formula
         for sh, lay in zip(shards, layouts):
             sh.update({k: shard_of(v, lay, k) for k, v in params.items()}, i)
     whole_again = assemble([sh.state_dict() for sh in reversed(shards)])
-    for k in whole:
+    for k in whole:  # elementwise ops on the same values, on the same machine: bitwise
         torch.testing.assert_close(whole_again[k], ref.shadow[k], rtol=0, atol=0)
     assert assemble([ref.state_dict()]).keys() == whole.keys()
 

@@ -17,7 +17,7 @@
       samples/                     sample grids from eval
       export/                      `latentforge export` output
 
-A checkpoint is whole or absent (DESIGN.md guarantee 5): every rank writes its shards,
+A checkpoint is whole or absent (docs/guarantees.md, 5): every rank writes its shards,
 all ranks meet at a barrier, then rank 0 writes COMPLETE and moves `latest` with an
 atomic rename. A crash anywhere before that leaves the previous `latest` in place; the
 half-written directory is ignored, and removed at the next start-up (`clean_partial`) or
