@@ -45,8 +45,10 @@ fi
 echo "[bootstrap] installing latentforge[dev] into $VENV at $what (torch 2.14.1 / torchvision 0.29.1;" \
      "about 2 minutes the first time)"
 # pipefail: pip's status is the pipeline's; the filter only drops this machine's notes about
-# absent local index folders.
-"$VENV/bin/python" -m pip install -q ${constraints[@]+"${constraints[@]}"} -e '.[dev]' 2>&1 \
+# absent local index folders. --no-compile: of the ~18,000 modules installed most are never
+# imported; byte-compiling them all took 40 s of the install on 2 cores, while the few that
+# are imported compile on first use.
+"$VENV/bin/python" -m pip install -q --no-compile ${constraints[@]+"${constraints[@]}"} -e '.[dev]' 2>&1 \
   | { grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -m pip check 2>&1 | { grep -v "^WARNING: Location" || true; }
 DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} \

@@ -3,7 +3,9 @@ sbatch templates, and its CLI, installed into a fresh virtualenv, finds them by 
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,3 +102,49 @@ def test_installed_cli_finds_shipped_profiles_and_templates(wheel: Path, tmp_pat
     assert res.returncode == 2, res.stderr
     assert f"not a profile in {(installed / 'profiles').resolve()} (known: gpu-8x, gpu-account-qos, " \
            f"local, local-processes)" in res.stderr
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_declared() -> None:
+    """Each third-party module imported anywhere (late imports included) comes from a
+    distribution pyproject.toml declares: a runtime dependency, or a dev one for tests."""
+    from importlib.metadata import packages_distributions
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {_normalise(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in reqs}
+
+    runtime = names(project["dependencies"])
+    dev = runtime | names(project["optional-dependencies"]["dev"])
+    local = {f.stem for f in (REPO / "tests").glob("*.py")} | {"benchmarks", "latentforge"}
+    dists = packages_distributions()
+    undeclared = []
+    for folder in ("latentforge", *STAGES, "benchmarks", "scripts", "tests"):
+        declared = dev if folder in ("tests", "benchmarks") else runtime
+        for f in sorted((REPO / folder).glob("*.py")):
+            if f.is_symlink():
+                continue
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    mods = [node.module]
+                else:
+                    continue
+                for mod in mods:
+                    top = mod.split(".")[0]
+                    if top in sys.stdlib_module_names or top in local or top == "tomli":  # tomli: 3.10 only
+                        continue
+                    if not {_normalise(d) for d in dists.get(top, [top])} & declared:
+                        undeclared.append(f"{f.relative_to(REPO)}:{node.lineno}: {top}")
+    assert not undeclared, "imports of undeclared packages:\n" + "\n".join(undeclared)
+    assert "tomli" in runtime  # Python 3.10's TOML parser (marker python_version < '3.11')
