@@ -3,9 +3,9 @@
 #
 #   VENV=.venv bash scripts/lock.sh     # after upgrading packages there and a green `make test`
 #
-# The lock pins every installed distribution (the torch pair included, latentforge itself
-# excluded) and records the interpreter's major.minor: scripts/bootstrap.sh installs with
-# it as pip constraints when the interpreter matches.
+# The lock pins every installed distribution (the torch pair and setuptools included; pip
+# and latentforge itself excluded) and records the interpreter's major.minor:
+# scripts/bootstrap.sh installs with it as pip constraints when the interpreter matches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,7 +21,7 @@ trap 'rm -f "$tmp"' EXIT
   echo "# installs with \`pip install -c requirements/lock.txt -e '.[dev]'\` when the interpreter matches:"
   echo "# python: $py"
   echo "# platform: $("$VENV/bin/python" -c 'import platform; print(platform.system(), platform.machine())')"
-  "$VENV/bin/python" -m pip freeze --exclude-editable --exclude latentforge 2>/dev/null | grep -v '^#' | LC_ALL=C sort -f
+  "$VENV/bin/python" -m pip freeze --all --exclude-editable --exclude latentforge --exclude pip 2>/dev/null | grep -v '^#' | LC_ALL=C sort -f
 } >"$tmp"
 grep -q '^torch==' "$tmp" || { echo "[lock] torch is not installed in $VENV: refusing to write a lock without it" >&2; exit 1; }
 mv "$tmp" "$LOCK"
