@@ -6,6 +6,8 @@
 # The lock pins every installed distribution (the torch pair and setuptools included; pip
 # and latentforge itself excluded) and records the interpreter's major.minor:
 # scripts/bootstrap.sh installs with it as pip constraints when the interpreter matches.
+# A new version of torch, open_clip, submitit or MLflow also needs its adapter's TESTED range
+# (latentforge/compat.py lists the adapters); tests/test_compat.py fails until it has one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
