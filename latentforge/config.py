@@ -418,7 +418,11 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             try:
                 import tomllib  # Python 3.11+
             except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport
-                import tomli as tomllib
+                try:
+                    import tomli as tomllib
+                except ModuleNotFoundError:
+                    raise ConfigError(f"{p}: TOML configs need Python 3.11+ or the tomli package "
+                                      f"(latentforge depends on it on Python 3.10: pip install tomli)") from None
 
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml", ".json"):
