@@ -46,8 +46,10 @@ fi
 echo "[bootstrap] installing latentforge[dev] into $VENV at $what (torch 2.14.1 / torchvision 0.29.1;" \
      "about 2 minutes the first time)"
 # A recent pip first: for this install Python 3.11's bundled pip 23.2 used 99 s of CPU,
-# pip 26.2 70 s (one run each). pip only installs: the environment is the lock's.
-"$VENV/bin/python" -m pip install -q --no-compile "pip==$PIP_VERSION" 2>&1 | { grep -v "^WARNING: Location" || true; }
+# pip 26.2 70 s (one run each). pip only installs: the environment is the lock's. Where
+# that pip cannot be had (a mirror without it), the one there does the same, slower.
+"$VENV/bin/python" -m pip install -q --no-compile "pip==$PIP_VERSION" 2>&1 | { grep -v "^WARNING: Location" || true; } \
+  || echo "[bootstrap] note: pip $PIP_VERSION is not available; installing with $("$VENV/bin/python" -m pip --version)"
 # pipefail: pip's status is the pipeline's; the filter only drops this machine's notes about
 # absent local index folders. --no-compile: of the ~18,000 modules installed most are never
 # imported; byte-compiling them all took 40 s of the install on 2 cores, while the few that
