@@ -37,11 +37,12 @@ class FakeEngine:
         self.cfg = SimpleNamespace(train=SimpleNamespace(zero_stage=2))
         self.crash = crash
 
-    def save(self, d: Path, tag: str, client_state: dict) -> None:
+    def save(self, d: Path, tag: str, client_state: dict) -> dict:
         (d / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {}, **client_state}, d / tag / "mp_rank_00_model_states.pt")
         if self.crash:
             raise KeyboardInterrupt("killed after DeepSpeed wrote its files")
+        return {}  # nothing hashed as written: checkpoint.save hashes it right after
 
 
 # ---------------------------------------------------------------------------------------
