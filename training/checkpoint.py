@@ -383,8 +383,8 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool
         if convert:
             problems = _convert(run_dir, plan, hashes)
         if plan is not None and not problems:
-            problems = [p for per_rank in dist.all_gather_object(_check_share(run_dir, plan, hashes))
-                        for p in per_rank]
+            problems = sorted({p for per_rank in dist.all_gather_object(_check_share(run_dir, plan, hashes))
+                               for p in per_rank})  # every rank checks sizes: one line per problem
         if not problems:
             break
         dist.barrier()  # every rank is done reading before rank 0 renames
