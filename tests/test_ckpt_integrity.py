@@ -216,6 +216,24 @@ def test_readers_refuse_damaged_checkpoint_with_one_line(tmp_path):
     assert "\n" not in msg and "damaged checkpoint: zero_pp_rank_0_mp_rank_00_optim_states.pt: content differs" in msg
 
 
+def test_export_and_eval_stop_with_one_line_naming_the_damaged_file(tmp_path, capsys):
+    from latentforge import config as config_mod
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, steps=(10,))
+    config_mod.save(config_mod.resolve("tiny", None, [f"run_root={tmp_path}"]), run_dir / "config.yaml")
+    truncate(cl.ckpt_dir(run_dir) / "step_00000010" / MODEL_STATES)
+    capsys.readouterr()
+    want = f"{MODEL_STATES}: 1000 bytes, "
+    assert cli(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged checkpoint: " + want in err[0], err
+    assert not (tmp_path / "export").exists()
+    assert cli(["eval", str(run_dir), "tracking.enabled=false"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "latentforge:" in ln]
+    assert len(err) == 1 and "damaged checkpoint: " + want in err[0], err
+
+
 # ---------------------------------------------------------------------------------------
 # Trust: weights-only loads.
 
