@@ -267,6 +267,18 @@ def test_a_checkpoint_file_holding_a_pickled_object_is_refused(tmp_path):
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
     assert not marker.exists()
 
+    # The allowlist admits DeepSpeed's own objects, also after a nested load has returned
+    # (the engine's load runs inside weights_only_loads; torch's context is not re-entrant).
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"loss_scaler": LossScaler(2.0), "zero_stage": ZeroStageEnum.gradients}, tmp_path / "optim.pt")
+    with deepspeed_compat.weights_only_loads():
+        assert deepspeed_compat.load_file(tmp_path / "optim.pt")["loss_scaler"].cur_scale == 2.0
+        assert torch.load(tmp_path / "optim.pt", weights_only=False)["zero_stage"] == ZeroStageEnum.gradients
+    with pytest.raises(pickle.UnpicklingError, match="LossScaler"):  # outside: not allowed
+        torch.load(tmp_path / "optim.pt", weights_only=True)
+
 
 def test_rank_file_rng_state_is_weights_only_and_restores_every_generator(tmp_path):
     random.seed(1)

@@ -59,9 +59,29 @@ def safe_globals() -> list[Any]:
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
+_allowlist: list[Any] = []  # the active torch.serialization.safe_globals context, entered once
+
+
+@contextlib.contextmanager
+def _allowlisted() -> Iterator[None]:
+    """torch.serialization.safe_globals, re-entrant: torch's context removes its entries on
+    exit even while an outer one still needs them (the engine's `load` runs inside
+    `weights_only_loads`), so only the outermost use enters and leaves it."""
+    outer = not _allowlist
+    if outer:
+        ctx = torch.serialization.safe_globals(safe_globals())
+        ctx.__enter__()
+        _allowlist.append(ctx)
+    try:
+        yield
+    finally:
+        if outer:
+            _allowlist.pop().__exit__(None, None, None)
+
+
 def load_file(path: str | os.PathLike, map_location: Any = None) -> Any:
     """torch.load of one DeepSpeed checkpoint file, weights only, with the allowlist."""
-    with torch.serialization.safe_globals(safe_globals()):
+    with _allowlisted():
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -71,7 +91,7 @@ def weights_only_loads() -> Iterator[None]:
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with _allowlisted():
             yield
     finally:
         if old is None:
