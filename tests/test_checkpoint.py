@@ -127,9 +127,10 @@ import os, signal
 from latentforge.training import engine
 _save = engine.Engine.save
 def save(self, ckpt_dir, tag, client_state):
-    _save(self, ckpt_dir, tag, client_state)
+    written = _save(self, ckpt_dir, tag, client_state)
     if tag == "step_00000012":  # every rank's DeepSpeed files are written; COMPLETE and latest are not
         os.kill(os.getpid(), signal.SIGKILL)
+    return written
 engine.Engine.save = save
 """
 
