@@ -287,6 +287,16 @@ class ResumePlan:
     reason: str  # why universal (for the log), "" otherwise
     fallback: list[str] = field(default_factory=list)  # newer checkpoints skipped as damaged, one line each
 
+    def fallback_tags(self) -> dict[str, str]:
+        """MLflow tags recording a resume that skipped damaged checkpoints: `checkpoint_fallback`
+        and the run's note (`mlflow.note.content`, its description in the UI)."""
+        if not self.fallback:
+            return {}
+        lines = "\n".join(f"- {line}" for line in self.fallback)
+        return {"checkpoint_fallback": f"resumed from {self.tag}; skipped {len(self.fallback)} damaged",
+                "mlflow.note.content": f"{time.strftime('%Y-%m-%d %H:%M:%S')}: resumed from {self.tag} because "
+                                       f"newer checkpoints were damaged (renamed aside to *.corrupt):\n{lines}"}
+
 
 def plan_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan | None:
     """How this start-up resumes, or None for a fresh run. Not collective; every rank gets

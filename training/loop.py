@@ -145,22 +145,10 @@ def restore(engine: eng.Engine, ema: EMA | None, run_dir: Path, plan: checkpoint
     return state
 
 
-def fallback_note(plan: checkpoint.ResumePlan | None) -> dict[str, str]:
-    """MLflow tags recording a resume that skipped damaged checkpoints: `checkpoint_fallback`
-    and the run's note (`mlflow.note.content`, its description in the UI)."""
-    if plan is None or not plan.fallback:
-        return {}
-    lines = "\n".join(f"- {line}" for line in plan.fallback)
-    when = time.strftime("%Y-%m-%d %H:%M:%S")
-    return {"checkpoint_fallback": f"resumed from {plan.tag}; skipped {len(plan.fallback)} damaged",
-            "mlflow.note.content": f"{when}: resumed from {plan.tag} because newer checkpoints were damaged "
-                                   f"(renamed aside to *.corrupt):\n{lines}"}
-
-
 def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_params: int,
                   note: dict[str, str] | None = None) -> Tracker:
     """Rank 0 owns the MLflow run; its id lives in the checkpoint (the others get a no-op).
-    `note`: extra tags, such as a resume's fallback (`fallback_note`)."""
+    `note`: extra tags, such as a resume's fallback (`ResumePlan.fallback_tags`)."""
     tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
                       run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
@@ -330,7 +318,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
     tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params,
-                            note=fallback_note(resume))
+                            note=resume.fallback_tags() if resume else None)
     schedule = Schedule.from_config(cfg.diffusion)
     evaluator = make_evaluator(cfg, encoders, shapes, latents.heldout_parts, latents.null_text, run_dir,
                                schedule) if make_evaluator is not None else None
