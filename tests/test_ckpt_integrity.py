@@ -394,11 +394,13 @@ def test_resume_skips_every_kind_of_damage_and_continues_bitwise(tiny_data, trai
     assert "Traceback" not in failed.stdout
 
 
-UNIVERSAL_DAMAGE = {
-    "truncated model-states file": lambda u: truncate(u / MODEL_STATES),
-    "flipped byte in an optimizer shard": lambda u: flip_byte(u / "zero" / "conv_in.weight" / "exp_avg.pt"),
-    "missing parameter file": lambda u: (u / "zero" / "conv_in.weight" / "fp32.pt").unlink(),
-    "deleted COMPLETE": lambda u: (u / cl.COMPLETE).unlink(),
+UNIVERSAL_DAMAGE = {  # what `check` says about each
+    "truncated model-states file": (lambda u: truncate(u / MODEL_STATES), f"{MODEL_STATES}: 1000 bytes, "),
+    "flipped byte in an optimizer shard": (lambda u: flip_byte(u / "zero" / "conv_in.weight" / "exp_avg.pt"),
+                                           "zero/conv_in.weight/exp_avg.pt: content differs"),
+    "missing parameter file": (lambda u: (u / "zero" / "conv_in.weight" / "fp32.pt").unlink(),
+                               "zero/conv_in.weight/fp32.pt: missing"),
+    "deleted COMPLETE": (lambda u: (u / cl.COMPLETE).unlink(), "COMPLETE: missing"),
 }
 
 
@@ -406,14 +408,23 @@ UNIVERSAL_DAMAGE = {
 def test_damaged_universal_checkpoint_is_renamed_aside_and_made_again(train_run, tmp_path):
     """A universal checkpoint is derived from its (intact) source: a damaged one is renamed
     aside and converted again, so the resume keeps the newest step. In-process: the
-    resume decision only (the next test loads it for real)."""
+    resume decision only (the next test loads one for real, truncated). Every kind of
+    damage is found; the two that take different paths through `prepare_resume` (a file
+    that fails its check, a lost COMPLETE) are resumed from (each costs a conversion)."""
     src, _ = train_run(*SOURCE)
-    for i, (what, damage) in enumerate(UNIVERSAL_DAMAGE.items()):
+    flagged = tmp_path / "flagged"
+    shutil.copytree(src, flagged)
+    u = cl.ckpt_dir(flagged) / checkpoint.make_universal(flagged)  # flagged for the next start
+    assert cl.check(u).state == "intact" and len(cl.read_record(u)["files"]) > 100
+    for i, (what, (damage, found)) in enumerate(UNIVERSAL_DAMAGE.items()):
         run_dir = tmp_path / f"u{i}"
-        shutil.copytree(src, run_dir)
-        u = cl.ckpt_dir(run_dir) / checkpoint.make_universal(run_dir)  # flagged for the next start
-        assert cl.check(u).state == "intact" and len(cl.read_record(u)["files"]) > 100
+        shutil.copytree(flagged, run_dir)
+        u = cl.ckpt_dir(run_dir) / "step_00000010_universal"
         damage(u)
+        status = cl.check(u)
+        assert not status.ok and status.problems[0].startswith(found), (what, status)
+        if what not in ("flipped byte in an optimizer shard", "deleted COMPLETE"):
+            continue
         plan = checkpoint.prepare_resume(run_dir, world_size=1, zero_stage=2)
         assert (plan.tag, plan.load_tag, plan.universal) == ("step_00000010", "step_00000010_universal", True), what
         assert plan.fallback and plan.fallback[0].startswith("step_00000010_universal: "), (what, plan.fallback)
