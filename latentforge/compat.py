@@ -4,11 +4,12 @@ latentforge reaches into a few APIs that their libraries do not promise to keep:
 requeue bookkeeping, open_clip's checkpoint finder and text-tower internals, MLflow's
 system-metrics samplers and torch's shared-memory storages. Each library's uses live in one
 small adapter (`launch/submitit_compat.py`, `data/open_clip_compat.py`,
-`training/mlflow_compat.py`, `latentforge/torch_compat.py`; DeepSpeed's in
-`training/deepspeed_compat.py`), and each adapter first checks the installed version against
-the series the suite ran with (requirements/lock.txt pins the exact versions). Any other
-version fails with one line that names the library, its version, the tested series and what
-to do; `LATENTFORGE_ALLOW_UNTESTED=1` turns the refusal into a warning, to try a new release.
+`training/mlflow_compat.py`, `latentforge/torch_compat.py`), and each adapter first checks
+the installed version against the series the suite ran with (requirements/lock.txt pins the
+exact versions). Any other version fails with one line that names the library, its
+version, the tested series and what to do; `LATENTFORGE_ALLOW_UNTESTED=1` turns the refusal
+into a warning, to try a new release. DeepSpeed's adapter, `training/deepspeed_compat.py`,
+has its own check and switch (`LATENTFORGE_ALLOW_UNTESTED_DEEPSPEED=1`).
 """
 
 from __future__ import annotations

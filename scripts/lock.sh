@@ -7,7 +7,8 @@
 # and latentforge itself excluded) and records the interpreter's major.minor:
 # scripts/bootstrap.sh installs with it as pip constraints when the interpreter matches.
 # A new version of torch, open_clip, submitit or MLflow also needs its adapter's TESTED range
-# (latentforge/compat.py lists the adapters); tests/test_compat.py fails until it has one.
+# (latentforge/compat.py lists the adapters; tests/test_compat.py fails until it has one),
+# and a new DeepSpeed its entry in training/deepspeed_compat.py's TESTED_VERSIONS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
