@@ -13,6 +13,13 @@ place, behind a version check (training/engine.py owns the public calls).
   deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py). Its `save` is replaced
   by one that hashes and fsyncs each file as it is written; its `load`, which calls
   `torch.load(weights_only=False)`, by one with weights_only=True and the allowlist below.
+- `skip_shm_comm_op`: `deepspeed.comm.torch.build_shm_op`, which DeepSpeed's CPU accelerator
+  calls while joining the process group: it JIT-compiles the shared-memory op
+  `deepspeed_shm_comm` with ninja into ~/.cache/torch_extensions (about 2 minutes on 2
+  cores, under a lock every process on the machine waits for; its probe of every op's
+  compatibility runs compilers too). The op serves only `inference_all_reduce`, which
+  tensor-parallel inference (AutoTP) calls; ZeRO training reduces through
+  torch.distributed (gloo on CPU), so latentforge never builds it.
 - `weights_only_loads`: DeepSpeed also reads files with `torch.load(weights_only=False)`
   outside its checkpoint engine (the universal load in checkpoint/universal_checkpoint.py,
   zero_to_fp32, ds_to_universal). Inside this context every torch.load is weights-only
@@ -98,6 +105,16 @@ def weights_only_loads() -> Iterator[None]:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def skip_shm_comm_op() -> None:
+    """Join process groups without DeepSpeed's shared-memory op (see the module docstring):
+    its builder reports no op, as on a platform without one, and gloo does every collective.
+    Call before `deepspeed.init_distributed`."""
+    import importlib
+
+    # By module path: the package attribute `deepspeed.comm.torch` is torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def set_load_universal(ds_engine: Any, universal: bool) -> None:

@@ -165,60 +165,73 @@ def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_
 
 # ---------------------------------------------------------------------------------------
 # The optimizer step and the checkpoint decision.
+#
+# In the steady state the host never waits for the device: the step's outcome (its loss,
+# whether the update was applied) stays in device tensors, the EMA follows it there, and
+# the Meter accumulates it there. The host reads them, and the ranks agree on the stop and
+# save flags, only at sync points: log steps, checkpoint steps and a (re)start's first step
+# (`sync_due`). A signal therefore takes effect within train.log_every steps.
 
 
 @dataclass
 class StepOutcome:
-    loss: float  # mean loss over the micro-batches (0 when not finite)
-    samples: float  # real samples this rank consumed (padding excluded)
-    applied: bool  # the optimizer updated the weights
-    skipped: bool  # a non-finite loss or gradient: the update was a no-op on every rank
-    overflowed: bool  # fp16: DeepSpeed dropped the step while finding its loss scale
+    loss: torch.Tensor  # () device: mean loss over the micro-batches (0 when not finite)
+    samples: float  # real samples this rank consumed (padding excluded; counted on the host)
+    applied: torch.Tensor  # () device: 1.0 when the optimizer updated the weights
+    skipped: torch.Tensor  # () device: 1.0 when a non-finite loss or gradient dropped the step on every rank
+    overflowed: torch.Tensor  # () device: 1.0 when fp16 dropped the step while finding its loss scale
     wait_s: float  # time spent waiting for the loader
 
 
 def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: Config, schedule: Schedule,
                    null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int) -> StepOutcome:
     """Forward and backward over the micro-batches of one optimizer step, then the step.
+    No host sync and no collective beyond DeepSpeed's own.
 
-    A non-finite loss on any rank in any micro-batch skips the whole step: the ranks agree
-    once, before the boundary, and the optimizer update becomes a no-op (weights and Adam
-    moments untouched). The backward passes still run, so DeepSpeed's accumulation and
-    reduction stay in step on every rank; the gradients they leave are discarded at the
-    boundary. DeepSpeed also drops a step by itself when the gradients are not finite
-    (ZeRO's overflow check; under fp16 that is how the loss scale finds its level)."""
+    A non-finite loss on any rank in any micro-batch drops the whole step, decided on the
+    device: the loss that goes into backward is multiplied by NaN (by exactly 1 when it is
+    finite), so every gradient of that rank is NaN, the gradient reduction carries NaN to
+    every rank, and the engine's overflow check drops the step there (weights and Adam
+    moments untouched; see Engine.step). The same check catches non-finite gradients of a
+    finite loss."""
     device = dist.device()
-    null_tokens, null_pooled = (t.to(device) for t in null_text)
+    null_tokens, null_pooled = (t.to(device, non_blocking=True) for t in null_text)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return unet_forward(engine, x.to(engine.dtype), t, {k: v.to(engine.dtype) for k, v in cond.items()})
 
-    local_bad, skip, applied = False, False, False
-    loss_sum, samples, wait = 0.0, 0.0, 0.0
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    applied = torch.zeros((), device=device)
+    samples, wait = 0.0, 0.0
     for micro in range(accum):
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
+        samples += float(batch["mask"].sum())  # host data, counted before it moves
         gen = step_generator(cfg.train.seed, dist.rank(), step, micro)
-        x0 = batch["latents"].to(device)  # (B, C, h, w)
+        # Host-to-device copies are asynchronous (the loader pins its batches on CUDA).
+        x0 = batch["latents"].to(device, non_blocking=True)  # (B, C, h, w)
         # Text arrives as fp16: move it first, so the fp32 promotion in cfg_drop happens on
         # the device and the host-to-device copy moves half the bytes.
-        text, pooled, _ = cfg_drop(batch["text"].to(device), null_tokens, cfg.diffusion.cfg_dropout, gen,
-                                   pooled=batch["pooled"].to(device), null_pooled=null_pooled)
-        mask = batch["mask"].to(device)  # (B,) 0 for padding
+        text, pooled, _ = cfg_drop(batch["text"].to(device, non_blocking=True), null_tokens,
+                                   cfg.diffusion.cfg_dropout, gen, pooled=batch["pooled"].to(device, non_blocking=True),
+                                   null_pooled=null_pooled)
+        mask = batch["mask"].to(device, non_blocking=True)  # (B,) 0 for padding
         loss = loss_fn(model_fn, x0, {"text": text, "pooled": pooled}, cfg.diffusion, schedule, gen,
                        mask=mask)["loss"]
-        finite = bool(torch.isfinite(loss))
-        local_bad |= not finite
-        skip = dist.any_rank(local_bad) if micro == accum - 1 else False
-        engine.backward(loss)
-        applied = engine.step(skip=skip)
-        loss_sum += float(loss.detach()) / accum if finite else 0.0
-        samples += float(mask.sum())
-    fp16 = engine.dtype == torch.float16
-    return StepOutcome(loss=loss_sum, samples=samples, applied=applied,
-                       skipped=skip or (not applied and not fp16), overflowed=not skip and not applied and fp16,
-                       wait_s=wait)
+        finite = torch.isfinite(loss)  # () bool, on the device
+        bad |= ~finite
+        engine.backward(loss * torch.where(finite, 1.0, float("nan")))
+        applied = engine.step()
+        loss_sum += torch.where(finite, loss.detach(), 0.0) / accum
+    dropped = applied == 0
+    if engine.dtype == torch.float16:  # a dropped step without a bad loss is the loss scale's search
+        skipped, overflowed = bad, dropped & ~bad
+    else:
+        skipped, overflowed = dropped, torch.zeros_like(dropped)
+    return StepOutcome(loss=loss_sum, samples=samples, applied=applied, skipped=skipped.float(),
+                       overflowed=overflowed.float(), wait_s=wait)
 
 
 @dataclass
@@ -228,56 +241,108 @@ class CheckpointDecision:
     asked: bool  # an on-demand save (SIGUSR1 or RUN_DIR/SAVE_NOW)
 
 
-def checkpoint_due(cfg: Config, step: int, run_dir: Path, last_save: float) -> CheckpointDecision:
-    """Whether to checkpoint after `step`: every N steps, every M minutes, on demand
-    (SIGUSR1 or RUN_DIR/SAVE_NOW, which only rank 0 looks at), on a stop signal, or at the
-    end. Collective: the flags are agreed on by all ranks (DeepSpeed's save is collective)."""
-    flags = dist.all_reduce_max(torch.tensor(
-        [float(STOP.signum is not None),
-         float(cfg.train.ckpt_every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes),
-         float(SAVE.signum is not None or (dist.is_main() and (run_dir / checkpoint.SAVE_NOW).exists()))],
-        device=dist.device()))
-    stop, timed, asked = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
+def control_flags(cfg: Config, run_dir: Path, last_save: float) -> list[float]:
+    """This rank's [stop, timed save, asked save] as seen now: a stop signal, train.ckpt_every_minutes
+    elapsed since `last_save`, an on-demand save (SIGUSR1, or RUN_DIR/SAVE_NOW, which only
+    rank 0 looks at). The ranks agree on them at sync points (Meter.sync)."""
+    return [float(STOP.signum is not None),
+            float(cfg.train.ckpt_every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes),
+            float(SAVE.signum is not None or (dist.is_main() and (run_dir / checkpoint.SAVE_NOW).exists()))]
+
+
+def checkpoint_due(cfg: Config, step: int, agreed: tuple[bool, bool, bool] | None) -> CheckpointDecision:
+    """Whether to checkpoint after `step`: every N steps or at the end (the same on every
+    rank without talking), and, at a sync point, on the flags every rank agreed on there
+    (`agreed`: stop, timed, asked; None between sync points)."""
+    stop, timed, asked = agreed or (False, False, False)
     every = cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0
     return CheckpointDecision(every or timed or stop or asked or step == cfg.train.max_steps, stop, asked)
 
 
-class Meter:
-    """The train/* metrics of one logging window; this rank's share until `reduce()`."""
+def sync_due(cfg: Config, step: int, first: bool) -> bool:
+    """Whether `step` is a sync point: a log step, a checkpoint step, or a (re)start's first
+    step (a flag set while the run was loading takes effect at once)."""
+    return (first or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+            or (cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0))
 
-    def __init__(self) -> None:
-        self.loss, self.n_loss, self.samples, self.wait = 0.0, 0, 0.0, 0.0
-        self.unsynced = 0.0  # samples not yet added to samples_seen (summed over ranks at log/checkpoint)
+
+@dataclass
+class Tally:
+    """What the ranks agreed on at a sync point (the same on every rank)."""
+
+    samples: int  # real samples all ranks consumed since the last sync point
+    skipped: int  # steps dropped for a non-finite loss or gradient since the last sync point
+    last_skipped: int  # the latest such step (-1: none yet)
+    run: int  # consecutive dropped steps ending at `last_skipped`
+    abort_step: int  # the step at which train.max_nonfinite_steps in a row were reached (-1: not yet)
+    overflows: int  # fp16 loss-scale overflows so far
+    flags: tuple[bool, bool, bool]  # stop, timed save, asked save: raised on any rank
+    metrics: dict[str, float]  # the train/* window metrics (empty unless the window was closed)
+
+
+class Meter:
+    """The train/* metrics of one logging window and the step outcomes since the last sync
+    point, accumulated on the device without a host sync; this rank's share until `sync()`."""
+
+    def __init__(self, device: torch.device, max_nonfinite: int) -> None:
+        self.device, self.max_nonfinite = device, max_nonfinite
+        z = lambda v=0.0: torch.full((), v, dtype=torch.float64, device=device)  # noqa: E731
+        self.run, self.last_skipped, self.last_run, self.abort_step, self.overflows = z(), z(-1), z(), z(-1), z()
+        self.skipped = z()  # since the last sync point
+        self.unsynced = 0.0  # samples not yet added to samples_seen
+        self._open_window()
+
+    def _open_window(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.samples, self.wait = 0.0, 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, out: StepOutcome) -> None:
-        if not out.skipped and not out.overflowed:
-            self.loss += out.loss
-            self.n_loss += 1
+    def add(self, out: StepOutcome, step: int) -> None:
+        """Count one optimizer step (index `step`): device arithmetic only."""
+        counted = 1 - out.skipped - out.overflowed  # 1.0 when the step's loss counts
+        self.loss += out.loss * counted
+        self.n_loss += counted
+        self.skipped += out.skipped
+        self.overflows += out.overflowed
+        self.run = (self.run + 1) * out.skipped  # consecutive dropped steps, ending at this one
+        hit = out.skipped > 0
+        self.last_skipped = torch.where(hit, float(step), self.last_skipped)
+        self.last_run = torch.where(hit, self.run, self.last_run)
+        first_abort = (self.abort_step < 0) & (self.run >= self.max_nonfinite)
+        self.abort_step = torch.where(first_abort, float(step), self.abort_step)
         self.samples += out.samples
         self.unsynced += out.samples
         self.wait += out.wait_s
 
-    def sync_samples(self) -> int:
-        """Samples every rank consumed since the last sync (collective)."""
-        n = int(dist.all_reduce_sum(torch.tensor([self.unsynced], dtype=torch.float64, device=dist.device())).item())
-        self.unsynced = 0.0
-        return n
-
-    def reduce(self) -> tuple[dict[str, float], int]:
-        """(window metrics, samples since the last sync) over all ranks (collective); resets."""
+    def sync(self, flags: list[float], close_window: bool) -> Tally:
+        """Agree with the other ranks (one all-reduce, one read back): sums since the last
+        sync point, the stop/save flags, and with `close_window` the window's metrics
+        (then a new window opens). Collective."""
         world = dist.world_size()
-        s = dist.all_reduce_sum(torch.tensor([self.loss, self.samples, self.wait, self.unsynced],
-                                             dtype=torch.float64, device=dist.device())).tolist()
-        elapsed = time.perf_counter() - self.t0
-        metrics = {
-            # Mean over ranks and over the window's applied steps (skipped ones have no loss).
-            "train/loss": s[0] / world / self.n_loss if self.n_loss else float("nan"),
-            "train/samples_per_s": s[1] / elapsed,
-            "train/data_wait_frac": s[2] / world / elapsed,
-        }
-        self.__init__()
-        return metrics, int(s[3])
+        host = torch.tensor([self.samples, self.wait, self.unsynced, *flags], dtype=torch.float64)
+        packed = torch.cat([torch.stack([self.loss, self.n_loss, self.skipped, self.last_skipped, self.last_run,
+                                         self.abort_step, self.overflows]),
+                            host.to(self.device, non_blocking=True)])
+        s = dist.all_reduce_sum(packed).tolist()
+        loss, n_loss, skipped, last_skipped, last_run, abort_step, overflows = s[:7]
+        samples, wait, unsynced, stop, timed, asked = s[7:]
+        same = lambda v: int(round(v / world))  # noqa: E731  (every rank holds the same value)
+        metrics: dict[str, float] = {}
+        if close_window:
+            elapsed = time.perf_counter() - self.t0
+            metrics = {
+                # Mean over ranks and over the window's applied steps (dropped ones have no loss).
+                "train/loss": loss / world / (n_loss / world) if n_loss else float("nan"),
+                "train/samples_per_s": samples / elapsed,
+                "train/data_wait_frac": wait / world / elapsed,
+            }
+            self._open_window()
+        self.skipped.zero_()
+        self.unsynced = 0.0
+        return Tally(samples=int(round(unsynced)), skipped=same(skipped), last_skipped=same(last_skipped),
+                     run=same(last_run), abort_step=same(abort_step), overflows=same(overflows),
+                     flags=(stop > 0, timed > 0, asked > 0), metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,8 +391,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     log.info(f"{n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
     batches = iter(data)
-    meter, progress = Meter(), Progress(cfg.train.max_steps, start=state.step)
-    last_save, nonfinite_run, overflow_total = time.monotonic(), 0, 0
+    meter, progress = Meter(dist.device(), cfg.train.max_nonfinite_steps), Progress(cfg.train.max_steps, start=state.step)
+    first_step, last_save = state.step + 1, time.monotonic()
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
     watchdog = Watchdog(cfg.train.collective_timeout_s)
@@ -336,42 +401,48 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, state.step))
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
-            meter.add(out)
-            overflow_total += int(out.overflowed)
+            meter.add(out, state.step)
 
-            # Count non-finite steps; abort after too many in a row.
-            nonfinite_run = nonfinite_run + 1 if out.skipped else 0
-            if out.skipped:
-                state.nonfinite_total += 1
-                log.info(f"step {state.step}: non-finite loss or gradients, step skipped ({nonfinite_run} in a row)")
-                if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_run} consecutive non-finite losses at step {state.step} (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
-
-            # Update EMA (only with weights an optimizer step produced).
-            if ema is not None and out.applied:
-                ema.update(engine.ema_parameters(), state.step)
+            # Update EMA (a dropped step gives it weight 0, decided on the device).
+            if ema is not None:
+                ema.update(engine.ema_parameters(), state.step, applied=out.applied)
             state.step += 1
 
-            # Log.
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                metrics, synced = meter.reduce()
-                state.samples_seen += synced
-                metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
-                                "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
-                                "train/nonfinite_steps": float(state.nonfinite_total)})
-                if engine.dtype == torch.float16:
-                    metrics["train/overflow_steps"] = float(overflow_total)
-                tracker.log_metrics(metrics, step=state.step)
-                log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
-                         f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
-                         f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
+            # Sync point: the host reads the step outcomes back, the ranks agree on the flags.
+            agreed = None
+            if sync_due(cfg, state.step, state.step == first_step):
+                log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps
+                tally = meter.sync(control_flags(cfg, run_dir, last_save), close_window=log_now)
+                state.samples_seen += tally.samples
+                state.nonfinite_total += tally.skipped
+                agreed = tally.flags
+
+                # Count non-finite steps; abort after too many in a row.
+                if tally.skipped:
+                    log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped "
+                             f"({tally.run} in a row)" + (f"; {tally.skipped} skipped since the last report"
+                                                          if tally.skipped > 1 else ""))
+                if tally.abort_step >= 0:
+                    raise NonFiniteLossError(
+                        f"{cfg.train.max_nonfinite_steps} consecutive non-finite losses at step {tally.abort_step} "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
+
+                # Log.
+                if log_now:
+                    metrics = tally.metrics
+                    metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
+                                    "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
+                                    "train/nonfinite_steps": float(state.nonfinite_total)})
+                    if engine.dtype == torch.float16:
+                        metrics["train/overflow_steps"] = float(tally.overflows)
+                    tracker.log_metrics(metrics, step=state.step)
+                    log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
+                             f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                             f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
 
             # Checkpoint.
-            decision = checkpoint_due(cfg, state.step, run_dir, last_save)
+            decision = checkpoint_due(cfg, state.step, agreed)
             if decision.save:
-                state.samples_seen += meter.sync_samples()
                 state.loader, state.ema, state.mlflow_run_id = (
                     data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
                 watchdog.beat()  # a save's own barriers are bounded by the same timeout
