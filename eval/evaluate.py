@@ -12,6 +12,8 @@ What one `evaluate(model, step, tracker, cfg_scale=s)` computes; every rank take
                         eval.images_per_prompt, with fixed noise per cell, dealt round-robin
                         over ranks; the few images are gathered to rank 0 -> samples/*.png.
     eval/shape_*        prompt adherence of the grid images (eval/adherence.py).
+    eval/diversity_*    same-prompt against different-prompt distances in the grid
+                        (eval/diversity.py; with eval.images_per_prompt >= 2).
     eval/fid            the FID set: the captions of the first eval.fid_num_images held-out
                         latents (their stored text embeddings), fixed noise per index,
                         dealt round-robin, sampled in batches of eval.fid_batch_size. Each
@@ -483,6 +485,11 @@ class Evaluator:
             grid.save(out)
             tracker.log_image(grid, f"samples/{name}")
             metrics.update(self._adherence(grid_images, [self.prompts[i] for i, _ in cells]))
+            if per > 1:  # two samples of one prompt must differ (eval/diversity.py)
+                from latentforge.eval.diversity import diversity
+
+                d = diversity(grid_images, [i for i, _ in cells])
+                metrics.update({f"eval/diversity_{k}": v for k, v in d.items()})
         # Rank 0 alone scored adherence; the others learn the numbers so every rank returns
         # the same metrics (the stand-alone sweep tabulates them on rank 0 only, but a
         # caller must not see rank-dependent keys).
