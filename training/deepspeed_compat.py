@@ -20,6 +20,11 @@ place, behind a version check (training/engine.py owns the public calls).
   compatibility runs compilers too). The op serves only `inference_all_reduce`, which
   tensor-parallel inference (AutoTP) calls; ZeRO training reduces through
   torch.distributed (gloo on CPU), so latentforge never builds it.
+- `skip_muon_import`: `deepspeed.runtime.engine.is_zero_supported_optimizer`, which imports
+  DeepSpeed's Muon optimizer to list it among ZeRO's optimizers; that module applies
+  torch.compile at import, which imports torch._inductor (2-7 s of every start-up, the
+  bulk of `deepspeed.initialize` for a small model). latentforge's optimizer is torch's
+  AdamW, which the list names anyway: the check is made without the import.
 - `weights_only_loads`: DeepSpeed also reads files with `torch.load(weights_only=False)`
   outside its checkpoint engine (the universal load in checkpoint/universal_checkpoint.py,
   zero_to_fp32, ds_to_universal). Inside this context every torch.load is weights-only
@@ -115,6 +120,16 @@ def skip_shm_comm_op() -> None:
 
     # By module path: the package attribute `deepspeed.comm.torch` is torch itself.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def skip_muon_import() -> None:
+    """ZeRO's optimizer check without importing DeepSpeed's Muon (see the module docstring):
+    the same answer for every optimizer but Muon, which latentforge does not use."""
+    import importlib
+
+    utils = importlib.import_module("deepspeed.runtime.zero.utils")
+    engine = importlib.import_module("deepspeed.runtime.engine")
+    engine.is_zero_supported_optimizer = lambda optimizer: type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS
 
 
 def set_load_universal(ds_engine: Any, universal: bool) -> None:

@@ -36,6 +36,7 @@ def _deepspeed() -> Any:
     compat.check_version(deepspeed.__version__)
     if dist.device().type == "cpu":
         compat.skip_shm_comm_op()  # nothing compiled at start-up (training never uses the op)
+    compat.skip_muon_import()  # nor torch._inductor imported for an optimizer we do not use
     quiet_third_party()
     return deepspeed
 

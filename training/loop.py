@@ -27,7 +27,7 @@ from latentforge.config import AbortError, Config
 from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders
 from latentforge.data.loader import LatentLoader, split_parts
-from latentforge.log import Progress, get_logger
+from latentforge.log import Progress, StartupClock, get_logger
 from latentforge.training import checkpoint
 from latentforge.training import engine as eng
 from latentforge.training.control import SAVE, STOP, Watchdog
@@ -153,7 +153,7 @@ def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_
                       run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
                       run_key=run_key_for(run_dir) if dist.is_main() else None)
-    tracker.start(run_id=state.mlflow_run_id)
+    tracker.start(run_id=state.mlflow_run_id, wait=False)  # the run opens in the tracker's thread, off the critical path
     if fresh:
         tracker.log_params(config_mod.flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
@@ -352,6 +352,7 @@ class Meter:
 def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResult:
     """Train (or resume) the run `cfg` names. Every rank calls it. `make_evaluator` builds
     the periodic evaluator (none: no eval)."""
+    clock = StartupClock()  # where the start-up goes; logged at the first step
     eng.init_distributed(cfg.train.collective_timeout_s)
     world = dist.world_size()
     STOP.install((signal.SIGUSR2, signal.SIGTERM))
@@ -361,21 +362,25 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     # Resume is the default whenever the run directory holds a checkpoint. A different
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
     resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints)
+    clock.mark("process group")
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
     # prompts and the codec to decode samples.
     encoders = build_encoders(cfg, dist.device())
     latents = open_latents(cfg, encoders)
     shapes = latents.shapes
+    clock.mark("encoders")
 
     # Model, engine, EMA. Under ZeRO-3 each rank averages its own partition of the weights.
     unet = build_model(cfg, shapes)
     n_params = count_params(unet)
     engine = eng.build_engine(unet, cfg, run_dir, load_universal=bool(resume and resume.universal))
     ema = EMA(engine.ema_parameters(), cfg.ema, engine.ema_layout(), engine.gather_shard) if cfg.ema.enabled else None
+    clock.mark("engine")
 
     # Resume: weights, optimizer, EMA, step, data position, RNG, MLflow run id.
     state = restore(engine, ema, run_dir, resume, world, cfg)
+    clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
     # What export and stand-alone eval need without the latent directory.
     state.shapes, state.identity = shapes, encoders.identity(cfg)
@@ -384,9 +389,11 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state.config_hash = config_mod.config_hash(cfg)
     tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params,
                             note=resume.fallback_tags() if resume else None)
+    clock.mark("mlflow")
     schedule = Schedule.from_config(cfg.diffusion)
     evaluator = make_evaluator(cfg, encoders, shapes, latents.heldout_parts, latents.null_text, run_dir,
                                schedule) if make_evaluator is not None else None
+    clock.mark("evaluator")
 
     log.info(f"{n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
@@ -402,6 +409,10 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             engine.set_lr(eng.lr_at(cfg, state.step))
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
             meter.add(out, state.step)
+            if state.step + 1 == first_step:
+                clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest
+                clock.phases["first step"] -= out.wait_s
+                clock.phases["loader workers"] = out.wait_s
 
             # Update EMA (a dropped step gives it weight 0, decided on the device).
             if ema is not None:
@@ -422,6 +433,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                     log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped "
                              f"({tally.run} in a row)" + (f"; {tally.skipped} skipped since the last report"
                                                           if tally.skipped > 1 else ""))
+                if state.step == first_step:
+                    log.info(f"start-up: {clock.describe()}")
                 if tally.abort_step >= 0:
                     raise NonFiniteLossError(
                         f"{cfg.train.max_nonfinite_steps} consecutive non-finite losses at step {tally.abort_step} "

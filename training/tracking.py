@@ -219,9 +219,12 @@ class Tracker:
         with self._cv:
             return self._failed_attempts
 
-    def start(self, run_id: str | None = None) -> str | None:
+    def start(self, run_id: str | None = None, wait: bool = True) -> str | None:
         """Open the run: reopen `run_id` if given, else create one. Returns the run id,
-        or None if the store has not answered yet (the run is then created later)."""
+        or None if the store has not answered yet (the run is then created later).
+        `wait=False` returns at once: the thread opens the run (importing mlflow, a fresh
+        sqlite store's migrations) while the caller goes on; `run_key` keeps a resume
+        whose checkpoint missed the id from creating a second run."""
         if run_id is not None and (not isinstance(run_id, str) or not re.match(r"^[a-zA-Z0-9][\w\-]{0,255}$", run_id)):
             raise ValueError(f"run_id: not an MLflow run id: {run_id!r}")
         if self._started:
@@ -248,6 +251,8 @@ class Tracker:
         import atexit
 
         atexit.register(self._atexit)
+        if not wait:
+            return run_id
         with self._cv:
             self._cv.wait_for(lambda: not self._open_pending or self._open_attempts > 0,
                               timeout=self.start_timeout_s)
