@@ -29,10 +29,11 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from slurm_multinode import SlurmMultiNode
+from submitted import assert_runs_end_bitwise_equal, file_tree, job_log, mlflow_runs, poll, sacct, submitting_to
 
 from latentforge.launch import status, submit
 
@@ -48,33 +49,9 @@ _SUBMITTED: list[str] = []  # job ids this module submitted (cancelled at the en
 # Helpers.
 
 
-def _poll(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
-    """Poll `cond` until it returns something truthy (SLURM and the job's files give us no
-    event to wait on); fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(every)  # polling interval
-
-
-def _sacct(cluster: SlurmMultiNode, job_id: str) -> list[tuple[str, str, str]]:
-    """(JobID, State, NodeList) of every attempt of a job (or array task), oldest first."""
-    out = cluster.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State,NodeList"],
-                      check=False).stdout
-    return [tuple(ln.split("|")[:2] + [ln.split("|")[2]]) for ln in out.splitlines() if ln.count("|") >= 2]
-
-
 def _state(cluster: SlurmMultiNode, job_id: str) -> str:
-    attempts = _sacct(cluster, job_id)
-    return attempts[-1][1].split()[0] if attempts else ""
-
-
-def _log(run_dir: Path, job_id: str, rank: int = 0, ext: str = "out") -> str:
-    p = run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.{ext}"
-    return p.read_text() if p.exists() else ""
+    attempts = sacct(cluster, job_id)
+    return attempts[-1][1] if attempts else ""
 
 
 def _attempt(text: str, restart: int) -> str:
@@ -88,7 +65,7 @@ def _attempt(text: str, restart: int) -> str:
 
 def _started(run_dir: Path, job_id: str, restart: int) -> bool:
     """Both ranks of attempt `restart` logged their start-up line (their signal handlers are ours)."""
-    return all(_attempt(_log(run_dir, job_id, r), restart) for r in (0, 1))
+    return all(_attempt(job_log(run_dir, job_id, r), restart) for r in (0, 1))
 
 
 def _address(cluster: SlurmMultiNode, host: str) -> str:
@@ -112,23 +89,11 @@ def _rank0_pid(cluster: SlurmMultiNode, job_id: str) -> int:
     return mains[0]
 
 
-def _mlflow_runs(root: Path, name: str) -> tuple[Any, list[Any]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("latentforge")
-    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
-
-
 def _wait(sub: submit.Submission, run_dir: Path, timeout_s: float = 600) -> None:
     lines: list[str] = []
     code = submit.wait_for(sub, poll_s=1.0, timeout_s=timeout_s, out=lines.append)
     job = sub.jobs[0].job_id
-    assert code == 0, "\n".join(lines) + _log(run_dir, job, ext="err")[-3000:] + _log(run_dir, job, 1, "err")[-3000:]
-
-
-def _tree(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    assert code == 0, "\n".join(lines) + job_log(run_dir, job, ext="err")[-3000:] + job_log(run_dir, job, 1, "err")[-3000:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,23 +102,11 @@ def _tree(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def cluster(slurm_multinode: SlurmMultiNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmMultiNode]:
-    """The cluster, with SLURM_CONF exported for this module's submitit calls, a clean rank
-    environment (pytest itself may run under SLURM or torchrun, and a GLOO_SOCKET_IFNAME of
-    its own would hide the derivation under test), and every job this module submitted
-    cancelled at the end."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith(("SLURM_", "SUBMITIT_")) or k in (
-                    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                    "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-                mp.delenv(k)
-        for k, v in slurm_multinode.env.items():
-            mp.setenv(k, v)
-        mp.chdir(tmp_path_factory.mktemp("slurm_multinode_jobs_cwd"))
-        yield slurm_multinode
-        if _SUBMITTED:
-            slurm_multinode.run(["scancel", *sorted({j.split("_")[0] for j in _SUBMITTED})], check=False)
-        slurm_multinode.restore()  # a test that failed between kill-node and restore
+    """The cluster, submitted to from a clean environment (no GLOO_SOCKET_IFNAME of ours: the
+    jobs derive theirs); this module's jobs cancelled and a killed node restored at the end."""
+    with submitting_to(slurm_multinode, tmp_path_factory.mktemp("slurm_multinode_jobs_cwd"), _SUBMITTED) as c:
+        yield c
+    slurm_multinode.restore()  # a test that failed between kill-node and restore
 
 
 def _overrides(tiny_data: tuple[Path, list[str]], name: str) -> list[str]:
@@ -172,28 +125,28 @@ def runs(cluster: SlurmMultiNode, tiny_data: tuple[Path, list[str]]) -> dict:
     out: dict[str, Any] = {"root": root, "ref": ref, "run_dir": run_dir, "job_a": job}
 
     # 1. Preemption: USR2 to every task while both ranks load; all save at step 1; rank 0 requeues.
-    _poll(f"both ranks of job {job} to start", lambda: _started(run_dir, job, 0), timeout=300)
+    poll(f"both ranks of job {job} to start", lambda: _started(run_dir, job, 0), timeout=300)
     cluster.run(["scancel", "--signal=USR2", job])
 
     def failed(j: str, expected: str) -> None:
         st = _state(cluster, j)
         if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            pytest.fail(f"job {j} ended {st} before {expected}:\n{_log(run_dir, j)[-3000:]}"
-                        f"{_log(run_dir, j, ext='err')[-3000:]}")
+            pytest.fail(f"job {j} ended {st} before {expected}:\n{job_log(run_dir, j)[-3000:]}"
+                        f"{job_log(run_dir, j, ext='err')[-3000:]}")
 
-    _poll(f"job {job} to requeue itself", lambda: failed(job, "its requeue") or "requeueing job" in _log(run_dir, job),
+    poll(f"job {job} to requeue itself", lambda: failed(job, "its requeue") or "requeueing job" in job_log(run_dir, job),
           timeout=240)
 
     # 2. The requeued attempt trains on; just after its step-10 checkpoint the second node is lost
     #    (rank 0 held meanwhile, so the loss lands before the run can end). Everything slow
     #    (sacct, finding rank 0) happens before the checkpoint, so the hold starts one poll after it.
-    _poll(f"the requeued job {job} to start", lambda: failed(job, "its restart") or _started(run_dir, job, 1),
+    poll(f"the requeued job {job} to start", lambda: failed(job, "its restart") or _started(run_dir, job, 1),
           timeout=300)
     ref_job = ref.jobs[0].job_id  # nothing else of ours may be on the node that goes
-    _poll(f"the reference job {ref_job} to end", lambda: _state(cluster, ref_job) in ("COMPLETED", "FAILED"), 300)
+    poll(f"the reference job {ref_job} to end", lambda: _state(cluster, ref_job) in ("COMPLETED", "FAILED"), 300)
     pid = _rank0_pid(cluster, job)
     step10 = run_dir / "checkpoints" / "step_00000010" / "COMPLETE"
-    _poll(f"the requeued job {job} to checkpoint step 10",
+    poll(f"the requeued job {job} to checkpoint step 10",
           lambda: step10.exists() or not Path(f"/proc/{pid}").exists() and failed(job, "the node loss"), timeout=300)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -202,18 +155,18 @@ def runs(cluster: SlurmMultiNode, tiny_data: tuple[Path, list[str]]) -> dict:
     finally:
         os.kill(pid, signal.SIGCONT)
     t_lost = time.monotonic()
-    _poll(f"rank 0 of job {job} to report the lost node", lambda: "lost contact with" in _log(run_dir, job, ext="err"),
+    poll(f"rank 0 of job {job} to report the lost node", lambda: "lost contact with" in job_log(run_dir, job, ext="err"),
           timeout=TIMEOUT_S + 30)
     out["report_s"] = time.monotonic() - t_lost
-    _poll(f"rank 0 of job {job} to exit", lambda: not Path(f"/proc/{pid}").exists(), timeout=TIMEOUT_S + 30)
+    poll(f"rank 0 of job {job} to exit", lambda: not Path(f"/proc/{pid}").exists(), timeout=TIMEOUT_S + 30)
     out["exit_s"] = time.monotonic() - t_lost
 
     # 3. SLURM declares the node dead (SlurmdTimeout) and requeues the job, which waits for two nodes.
-    _poll(f"job {job} to be requeued after the node failure",
-          lambda: [s for _, s, _ in _sacct(cluster, job)][-2:] == ["NODE_FAIL", "PENDING"], timeout=120, every=1.0)
-    out["attempts_after_loss"] = _sacct(cluster, job)
+    poll(f"job {job} to be requeued after the node failure",
+          lambda: [s for _, s, _ in sacct(cluster, job)][-2:] == ["NODE_FAIL", "PENDING"], timeout=120, every=1.0)
+    out["attempts_after_loss"] = sacct(cluster, job)
     cluster.run(["scancel", job])
-    _poll(f"job {job} to be CANCELLED", lambda: _state(cluster, job) == "CANCELLED", timeout=60)
+    poll(f"job {job} to be CANCELLED", lambda: _state(cluster, job) == "CANCELLED", timeout=60)
     cluster.restore()
 
     # 4. Resubmitted with the same command: it resumes from the last checkpoint and finishes.
@@ -242,11 +195,11 @@ def test_precompute_array_spreads_over_both_nodes_and_matches_local(
     lines: list[str] = []
     assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
     array = sub.records[0]["job_id"]
-    nodes = {n for _, _, n in _sacct(cluster, array)}
-    assert nodes == set(cluster.nodes), _sacct(cluster, array)
-    local = _tree(root / "latents")
+    nodes = {n for _, _, n in sacct(cluster, array)}
+    assert nodes == set(cluster.nodes), sacct(cluster, array)
+    local = file_tree(root / "latents")
     assert len([k for k in local if k.endswith(".tar")]) == 4
-    assert _tree(latent) == local  # parts, per-shard and dataset manifests, null text: byte for byte
+    assert file_tree(latent) == local  # parts, per-shard and dataset manifests, null text: byte for byte
     text = status.status(root / "precompute_jobs")
     assert "raw shards done: 4/4; tasks finished: 4/4" in text and "dataset manifest: assembled" in text
 
@@ -258,15 +211,15 @@ def test_ranks_on_two_nodes_meet_at_the_first_host_of_the_node_list(runs: dict, 
     ref = runs["ref"]
     run_dir, job = ref.run_dir, ref.jobs[0].job_id
     first, second = cluster.nodes
-    (_, state, nodelist), = _sacct(cluster, job)
+    (_, state, nodelist), = sacct(cluster, job)
     assert state == "COMPLETED" and cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split() == [
         first, second]
     for rank, host in enumerate(cluster.nodes):
-        log = _log(run_dir, job, rank)
+        log = job_log(run_dir, job, rank)
         assert f"hostname={host}," in log  # submitit's own start-up line: this rank ran on that node
         assert f"[job] train rank {rank}/2 (submitit-slurm, master {first}:{port_for_job(job)})" in log, log[-2000:]
     a1, a2 = _address(cluster, first), _address(cluster, second)
-    log0 = _log(run_dir, job)
+    log0 = job_log(run_dir, job)
     # gloo binds to the interface on the route to the master (rank 0: its own address), derived.
     assert f"[train] gloo on eth0 ({a1}), the interface on the route to {first} ({a1})" in log0
     assert f"[train] 2 ranks on 2 node(s): 0 {first} {a1}; 1 {second} {a2}" in log0
@@ -282,11 +235,11 @@ def test_preemption_checkpoints_on_every_rank_and_the_requeued_job_resumes(runs:
                                                                            cluster: SlurmMultiNode) -> None:
     run_dir, job = runs["run_dir"], runs["job_a"]
     assert [s for _, s, _ in runs["attempts_after_loss"]][:1] == ["REQUEUED"], runs["attempts_after_loss"]
-    first0, first1 = _attempt(_log(run_dir, job), 0), _attempt(_log(run_dir, job, 1), 0)
+    first0, first1 = _attempt(job_log(run_dir, job), 0), _attempt(job_log(run_dir, job, 1), 0)
     assert "[train] stop signal 12: checkpointed at step 1, exiting for requeue" in first0, first0[-3000:]
     assert re.search(r"\[job\] timed out: checkpointed at step 1; requeueing job \d+ \(2 timeout\(s\) left\)", first0)
     assert "[job] rank 1: checkpointed at step 1; rank 0 decides the requeue" in first1, first1[-3000:]
-    second = _attempt(_log(run_dir, job), 1)
+    second = _attempt(job_log(run_dir, job), 1)
     assert ", restart 1, resuming from step 1" in second.splitlines()[0]
     assert f"[train] resumed from {run_dir / 'checkpoints' / 'step_00000001'} at step 1" in second
 
@@ -296,7 +249,7 @@ def test_lost_node_is_named_by_the_surviving_rank_within_the_collective_timeout(
     run_dir, job = runs["run_dir"], runs["job_a"]
     first, second = cluster.nodes
     nodelist = runs["attempts_after_loss"][1][2]  # the attempt the node was lost in
-    err0 = _log(run_dir, job, ext="err")
+    err0 = job_log(run_dir, job, ext="err")
     m = re.search(r"PeerLostError: (lost contact with .*)", err0)
     assert m, err0[-3000:]
     # kill-node leaves the namespace's network up, so the dead rank's port refuses at once.
@@ -314,26 +267,14 @@ def test_lost_node_is_named_by_the_surviving_rank_within_the_collective_timeout(
 
 
 def test_resubmitted_run_resumes_and_ends_bitwise_identical_to_the_uninterrupted_one(runs: dict) -> None:
-    import torch
-
-    from latentforge.training.checkpoint import consolidated_weights
-
     run_dir, job_b = runs["run_dir"], runs["job_b"]
-    log_b = _log(run_dir, job_b)
+    log_b = job_log(run_dir, job_b)
     tag = runs["latest_at_loss"]  # the last checkpoint before the node was lost
     assert f"[train] resumed from {run_dir / 'checkpoints' / tag} at step {int(tag[5:])}" in log_b, log_b[-3000:]
     assert f"[train] step {STEPS}/{STEPS}" in log_b
-    w_ref, c_ref = consolidated_weights(runs["ref"].run_dir)
-    w_int, c_int = consolidated_weights(run_dir)
-    assert c_ref.step == c_int.step == STEPS
-    assert w_ref.keys() == w_int.keys()
-    diff = [k for k in w_ref if not torch.equal(w_ref[k], w_int[k])]
-    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-    ema_ref, ema_int = c_ref.ema["shadow"], c_int.ema["shadow"]
-    assert all(torch.equal(ema_ref[k], ema_int[k]) for k in ema_ref)
-    assert c_ref.samples_seen == c_int.samples_seen
+    assert_runs_end_bitwise_equal(runs["ref"].run_dir, run_dir, STEPS)
     # One MLflow run across three attempts and two jobs: reopened by id, never created anew.
-    client, found = _mlflow_runs(runs["root"], "mn-interrupted")
+    client, found = mlflow_runs(runs["root"], "mn-interrupted")
     assert len(found) == 1 and found[0].info.status == "FINISHED"
     assert found[0].data.tags["slurm_job_ids"].split(",") == [runs["job_a"], job_b]
     steps = sorted({m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss")})
