@@ -344,23 +344,18 @@ def load_inception(weights_path: str | os.PathLike | None, device: torch.device 
             f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}; nothing is downloaded "
             f"here. Set {INCEPTION_CONFIG_KEY} to its path, or leave it empty to log eval/fid_randinit with "
             f"random weights instead")
-    if _is_torchscript(path):
-        extractor = TorchScriptInception(path)
-        extractor.is_random = False
-        extractor.random_init_seed = None
-        extractor.weights_path = str(path)
-        extractor.weights_sha256 = weights_sha256(path)
-        extractor.metric_name = "eval/fid"
-        return extractor.to(device).eval()
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    if _is_torchscript(path):  # make fid-weights' file
+        extractor: nn.Module = TorchScriptInception(path)
+    else:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    try:
-        extractor = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
-                                                feature_extractor_weights_path=str(path))
-    except Exception as e:  # unpickling or key/shape mismatch; keep it to one line naming the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{INCEPTION_CONFIG_KEY}: {path} is not a torch-fidelity Inception-v3 state dict "
-                         f"({INCEPTION_WEIGHTS_FILE}): {msg}") from e
+        try:
+            extractor = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
+                                                    feature_extractor_weights_path=str(path))
+        except Exception as e:  # unpickling or key/shape mismatch; keep it to one line naming the file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{INCEPTION_CONFIG_KEY}: {path} is not a torch-fidelity Inception-v3 state dict "
+                             f"({INCEPTION_WEIGHTS_FILE}): {msg}") from e
     extractor.is_random = False
     extractor.random_init_seed = None
     extractor.weights_path = str(path)

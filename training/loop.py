@@ -286,15 +286,19 @@ class Meter:
 
     def __init__(self, device: torch.device, max_nonfinite: int) -> None:
         self.device, self.max_nonfinite = device, max_nonfinite
-        z = lambda v=0.0: torch.full((), v, dtype=torch.float64, device=device)  # noqa: E731
-        self.run, self.last_skipped, self.last_run, self.abort_step, self.overflows = z(), z(-1), z(), z(-1), z()
-        self.skipped = z()  # since the last sync point
+        self.run = self._scalar(0)  # consecutive dropped steps, ending at the latest step
+        self.last_skipped, self.last_run = self._scalar(-1), self._scalar(0)  # the latest dropped step, its run
+        self.abort_step = self._scalar(-1)  # where max_nonfinite in a row were first reached
+        self.overflows = self._scalar(0)  # fp16 loss-scale overflows so far
+        self.skipped = self._scalar(0)  # dropped steps since the last sync point
         self.unsynced = 0.0  # samples not yet added to samples_seen
         self._open_window()
 
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
     def _open_window(self) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.n_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss, self.n_loss = self._scalar(0), self._scalar(0)  # loss sum and count of the applied steps
         self.samples, self.wait = 0.0, 0.0
         self.t0 = time.perf_counter()
 
@@ -327,7 +331,10 @@ class Meter:
         s = dist.all_reduce_sum(packed).tolist()
         loss, n_loss, skipped, last_skipped, last_run, abort_step, overflows = s[:7]
         samples, wait, unsynced, stop, timed, asked = s[7:]
-        same = lambda v: int(round(v / world))  # noqa: E731  (every rank holds the same value)
+
+        def same(v: float) -> int:  # every rank held the same value
+            return int(round(v / world))
+
         metrics: dict[str, float] = {}
         if close_window:
             elapsed = time.perf_counter() - self.t0
