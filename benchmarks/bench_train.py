@@ -104,7 +104,7 @@ class Stepper:
             applied = self.engine.step()  # () device flag, as in the trainer: no host sync
         if self.ema is not None:
             self.ema.update(self.engine.ema_parameters(), i, applied=applied)
-        return float(loss)
+        return float(loss.detach())
 
     def flops_per_step(self) -> int:
         """U-Net forward + backward FLOPs of one optimizer step (all micro-batches, this rank),
