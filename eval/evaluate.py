@@ -52,7 +52,7 @@ from latentforge.config import Config
 from latentforge.data import latents as lat
 from latentforge.data.loader import Finalize, finalize
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
-from latentforge.fileio import write_json
+from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
 from latentforge.training.unet import build_unet, unet_forward
 
@@ -480,7 +480,8 @@ class Evaluator:
             name = f"step_{step:08d}{suffix}.png"
             out = self.out_dir / "samples" / name
             out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
+            with atomic_open(out) as f:
+                grid.save(f, format="PNG")
             tracker.log_image(grid, f"samples/{name}")
             metrics.update(self._adherence(grid_images, [self.prompts[i] for i, _ in cells]))
         # Rank 0 alone scored adherence; the others learn the numbers so every rank returns

@@ -58,6 +58,7 @@ import torch
 from latentforge import config as config_mod
 from latentforge import dist
 from latentforge.config import Config, ConfigError
+from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
 
 log = get_logger("eval")
@@ -305,7 +306,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
                        "step": loaded.step, "weights": loaded.weights, "world_size": dist.world_size(),
                        "rows": rows, "heldout": heldout, "fid_metric": fid_metric, "clip_metric": clip_metric,
                        "mlflow_run_id": tracker.run_id, "training_run_id": loaded.mlflow_run_id, "notes": notes}
-            (out_dir / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+            write_json(out_dir / "sweep.json", summary)
             tracker.log_artifact(out_dir / "sweep.json", "eval")
         status = "FINISHED"
     finally:
@@ -340,7 +341,8 @@ def plot_fid_vs_clip(rows: list[dict[str, float]], fid_metric: str, clip_metric:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
     return path
