@@ -34,6 +34,12 @@ parts also go to params `eval_protocol/*`.
 
 Sampling uses a plain fp32 copy of the U-Net loaded with the EMA (or gathered raw)
 weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage.
+
+A stop signal (SIGUSR2, SIGTERM, SIGINT: training/control.py) interrupts an evaluation at
+the next batch boundary: before the held-out loss, before each batch of the FID reference
+and of the FID set, before the grid. Every rank checks there (one tiny all-reduce; ranks
+with fewer FID images still take part in every round), so all raise EvalInterrupted
+together and the caller checkpoints (periodic) or closes its run (stand-alone).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from latentforge.data.loader import Finalize, finalize
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
 from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
+from latentforge.training.control import check_stop
 from latentforge.training.unet import build_unet, unet_forward
 
 log = get_logger("eval")
@@ -284,6 +291,7 @@ class Evaluator:
                          "prediction": self.cfg.diffusion.prediction},
         }
         if heldout:
+            check_stop("held-out loss")
             metrics.update(self.heldout_metrics(model))
             protocol["heldout_loss"] = {"samples": self._heldout_total(), "buckets": self.cfg.eval.heldout_buckets}
 
@@ -301,6 +309,7 @@ class Evaluator:
             protocol["clip_score"] = {"skipped": "eval.clip_score=false"}
 
         # Sample grid (and CLIP score on it when there is no FID set), then adherence.
+        check_stop("sample grid")
         grid_metrics, grid_protocol = self._grid(model_fn, step, tracker, cfg_scale, suffix, clip_on_grid)
         metrics.update(grid_metrics)
         protocol.update(grid_protocol)
@@ -385,9 +394,11 @@ class Evaluator:
             log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
-            for i in range(0, fs.means.shape[0], bs):
-                pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
-                stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+            for i in self._rounds(fs.total, bs):
+                check_stop("FID reference")
+                if i < fs.means.shape[0]:
+                    pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
+                    stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
             return stats.all_reduce()
 
         stats, hit = fid.reference_stats(cache_dir, key_parts, compute)
@@ -413,7 +424,10 @@ class Evaluator:
         clip_sum, n_mine = 0.0, fs.means.shape[0]
         t0 = last = time.monotonic()
         resolution = h * self.encoders.codec.downsample
-        for i in range(0, n_mine, bs):
+        for i in self._rounds(fs.total, bs):
+            check_stop("FID set")
+            if i >= n_mine:  # this rank's share is done; it still meets the others at each boundary
+                continue
             idx = fs.indices[i:i + bs]
             x_T = torch.stack([fid_noise(self.cfg.eval.seed, k, (C, h, w)) for k in idx])  # (B, C, h, w)
             u8 = to_uint8_nchw(self._sample(model_fn, fs.text[i:i + bs], fs.pooled[i:i + bs], x_T, cfg_scale))
@@ -442,6 +456,13 @@ class Evaluator:
             protocol["clip_score"] = {**scorer.protocol(), "value": value, "pairs": fs.total,
                                       "set": "FID set (generated image, its held-out caption)"}
         return metrics, protocol
+
+    @staticmethod
+    def _rounds(total: int, bs: int) -> range:
+        """Batch offsets every rank walks through for a set of `total` images dealt
+        round-robin: as many as the rank with the most images needs."""
+        most = -(-total // dist.world_size())
+        return range(0, most, bs)
 
     def _grid(self, model_fn: Any, step: int, tracker: Any, cfg_scale: float, suffix: str,
               with_clip: bool) -> tuple[dict[str, float], dict[str, Any]]:

@@ -40,10 +40,12 @@ def test_requeue_keeps_submitits_timeout_countdown(tmp_path: Path, monkeypatch: 
     from submitit.core.utils import DelayedSubmission
 
     job = jobs.TrainJob(jobs.ConfigSource("tiny", None, (), str(tmp_path)), str(tmp_path / "run"))
-    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(tmp_path), "SUBMITIT_LOCAL_JOB_ID": "77",
+    folder = tmp_path / "run" / "slurm" / "77"  # the job folder `submit` gives it, in the run directory
+    folder.mkdir(parents=True)
+    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(folder), "SUBMITIT_LOCAL_JOB_ID": "77",
                  "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "2"}.items():
         monkeypatch.setenv(k, v)
-    pickled = tmp_path / "77_submitted.pkl"
+    pickled = folder / "77_submitted.pkl"
     first = DelayedSubmission(job)
     first.set_timeout(5, 1)  # a 5-minute limit (every signal is a timeout), one timeout left
     first.dump(pickled)
@@ -143,13 +145,15 @@ def test_task_ranges_print_compactly() -> None:
 def test_local_job_state_from_pid_and_result_files(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    rec = {"job_id": str(dead.pid), "cluster": "local", "folder": str(tmp_path), "tasks": 2}
-    assert records._local_state(rec)["state"].startswith("ENDED")
+    folder = tmp_path / "slurm" / str(dead.pid)
+    folder.mkdir(parents=True)
+    rec = {"job_id": str(dead.pid), "cluster": "local", "folder": str(folder), "tasks": 2}
+    assert records._local_state(rec, tmp_path)["state"].startswith("ENDED")
     for t, outcome in ((0, "success"), (1, "error")):
-        (tmp_path / f"{dead.pid}_{t}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
-    assert records._local_state(rec)["state"] == "FAILED"
+        (folder / f"{dead.pid}_{t}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
+    assert records._local_state(rec, tmp_path)["state"] == "FAILED"
     rec["job_id"] = str(os.getpid())  # a live process: still running
-    assert records._local_state(rec)["state"] == "RUNNING"
+    assert records._local_state(rec, tmp_path)["state"] == "RUNNING"
 
 
 def _latent_tree(tmp_path: Path, names: list[str], done: list[str]) -> tuple[Path, str]:

@@ -1,0 +1,58 @@
+"""A stop signal during periodic eval, on the real one-node SLURM cluster: SLURM's
+pre-timeout USR2 (as `--signal=USR2@N` sends it: to every task of the job's steps) lands
+while a 2-task training job is in an eval whose FID would outlast the profile's
+`signal_delay_s`. The eval stops at the next batch boundary on both ranks, both
+checkpoint at that step, and rank 0 requeues the job, well inside the delay; the requeued
+attempt resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from test_slurm_jobs import _SUBMITTED, _log, _poll, _sacct, cluster  # noqa: F401  (the module's cluster fixture)
+
+from latentforge.launch import submit
+from latentforge.launch.profiles import find_profile, load_profile
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_delay(cluster, tiny_data) -> None:  # noqa: F811
+    root, overrides = tiny_data
+    delay = load_profile(find_profile("local")).signal_delay_s
+    ov = [*overrides, "run_name=eval-preempt", "train.max_steps=8", "eval.every_steps=4",
+          "eval.fid_num_images=64", "eval.fid_batch_size=2", f"eval.fid_cache_dir={root / 'fid_cache_preempt'}"]
+    sub = submit.submit_jobs("train", "local", "tiny", None, ov)
+    job = sub.jobs[0].job_id
+    _SUBMITTED.append(job)
+    run_dir = sub.run_dir
+
+    # The periodic eval at step 4 is computing its FID reference (64 images through a
+    # random Inception at 299 px, a minute or more here): now SLURM's USR2.
+    _poll("the eval at step 4 to start its FID", lambda: "FID reference statistics" in _log(run_dir, job), 600)
+    cluster.run(["scancel", "--signal=USR2", job])
+    sent = time.time()
+
+    _poll(f"job {job} to requeue itself", lambda: "requeueing job" in _log(run_dir, job), 300)
+    log0, log1 = _log(run_dir, job, 0), _log(run_dir, job, 1)
+    assert "[train] stop signal 12 during eval: checkpointed at step 4, exiting for requeue" in log0, log0[-3000:]
+    assert "[job] rank 1: checkpointed at step 4; rank 0 decides the requeue" in log1, log1[-3000:]
+    since_signal = time.time() - sent
+    requeue = next(ln for ln in log0.splitlines() if "requeueing job" in ln)
+    assert re.search(r"\[job\] (preempted|timed out): checkpointed at step 4; requeueing job", requeue)
+    assert since_signal < delay, f"{since_signal:.0f} s from the signal to the requeue; the profile allows {delay} s"
+    assert "FID set (cfg" not in log0.split(requeue)[0]  # the eval never got past its FID reference
+    print(f"[test] signal to requeue: {since_signal:.1f} s (signal_delay_s {delay} s)")
+
+    from latentforge.training import checkpoint
+
+    assert checkpoint.latest_tag(run_dir) == "step_00000004"
+    # The requeued attempt resumes from that checkpoint; then the test ends the job.
+    _poll(f"the requeued job {job} to resume", lambda: "restart 1" in _log(run_dir, job)
+          and "[train] resumed from" in _log(run_dir, job).split("restart 1", 1)[1], 300)
+    assert f"[train] resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in \
+        _log(run_dir, job).split("restart 1", 1)[1]
+    cluster.run(["scancel", job])
+    _poll(f"job {job} to end", lambda: (_sacct(cluster, job) or [("", "")])[-1][1] in ("CANCELLED", "COMPLETED"), 120)
