@@ -79,6 +79,18 @@ class FidSet:
     dataset: dict[str, Any]  # what identifies the samples, for the reference-cache key
 
 
+def _progress(what: str, done: int, total: int, t0: float, last: float) -> float:
+    """A progress line of a long FID loop (rank 0's share) every 10 s and at its end.
+    Returns when the last line was printed."""
+    now = time.monotonic()
+    if now - last <= 10 and done < total:
+        return last
+    rate = done / max(now - t0, 1e-9)
+    log.info(f"{what}: rank 0 {done}/{total} images, {rate:.2f} images/s per rank, "
+             f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
+    return now
+
+
 class Evaluator:
     def __init__(self, cfg: Config, encoders: Any, shapes: dict[str, list[int]], heldout_parts: list[dict],
                  null_text: tuple[torch.Tensor, torch.Tensor], run_dir: Path, schedule: Any, *,
@@ -394,11 +406,14 @@ class Evaluator:
             log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
+            n_mine = fs.means.shape[0]
+            t0 = last = time.monotonic()
             for i in self._rounds(fs.total, bs):
                 check_stop("FID reference")
-                if i < fs.means.shape[0]:
+                if i < n_mine:
                     pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
                     stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+                    last = _progress("FID reference", min(i + bs, n_mine), n_mine, t0, last)
             return stats.all_reduce()
 
         stats, hit = fid.reference_stats(cache_dir, key_parts, compute)
@@ -435,12 +450,7 @@ class Evaluator:
             stats.update(fid.image_features(inception, u8, bs))  # (B, 2048)
             if scorer is not None:
                 clip_sum += float(scorer.score(u8, fs.captions[i:i + bs]).double().sum())
-            done = min(i + bs, n_mine)
-            if time.monotonic() - last > 10 or done == n_mine:  # progress on long FID runs
-                last = time.monotonic()
-                rate = done / max(last - t0, 1e-9)
-                log.info(f"FID set (cfg {cfg_scale:g}): rank 0 {done}/{n_mine} images, {rate:.2f} "
-                         f"images/s per rank, ETA {(n_mine - done) / max(rate, 1e-9) / 60:.1f} min")
+            last = _progress(f"FID set (cfg {cfg_scale:g})", min(i + bs, n_mine), n_mine, t0, last)
         stats.all_reduce()
         value = fid.fid_from_stats(stats, ref)
         metrics = {inception.metric_name: value}

@@ -22,16 +22,27 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_delay(cluster, tiny_data) -> None:  # noqa: F811
     root, overrides = tiny_data
     delay = load_profile(find_profile("local")).signal_delay_s
-    ov = [*overrides, "run_name=eval-preempt", "train.max_steps=8", "eval.every_steps=4",
-          "eval.fid_num_images=64", "eval.fid_batch_size=2", f"eval.fid_cache_dir={root / 'fid_cache_preempt'}"]
+    # 128 held-out images (2 of the 4 latent parts) through a random Inception at 299 px,
+    # twice (reference, then the generated set): minutes on these CPUs.
+    ov = [*overrides, "run_name=eval-preempt", "data.heldout_shards=2", "train.max_steps=8", "eval.every_steps=4",
+          "eval.fid_num_images=128", "eval.fid_batch_size=2", f"eval.fid_cache_dir={root / 'fid_cache_preempt'}"]
     sub = submit.submit_jobs("train", "local", "tiny", None, ov)
     job = sub.jobs[0].job_id
     _SUBMITTED.append(job)
     run_dir = sub.run_dir
 
-    # The periodic eval at step 4 is computing its FID reference (64 images through a
-    # random Inception at 299 px, a minute or more here): now SLURM's USR2.
-    _poll("the eval at step 4 to start its FID", lambda: "FID reference statistics" in _log(run_dir, job), 600)
+    # The periodic eval at step 4 is in its FID. Its progress line (every 10 s) shows that
+    # it would outlast the delay; now SLURM's USR2.
+    t_fid = _poll("the eval at step 4 to start its FID",
+                  lambda: "FID reference statistics" in _log(run_dir, job) and time.monotonic(), 600)
+    line = re.compile(r"\[eval\] FID (reference|set)[^:]*: rank 0 (\d+)/(\d+) images, .* ETA ([\d.]+) min")
+    progress = _poll("a FID progress line", lambda: next(
+        (m for m in line.finditer(_log(run_dir, job)) if int(m.group(2)) < int(m.group(3))), None), 600)
+    elapsed, left = time.monotonic() - t_fid, float(progress.group(4)) * 60
+    # The generated set takes at least as long as the reference (the same images through
+    # the same Inception, plus sampling).
+    would_take = elapsed + left + ((elapsed + left) if progress.group(1) == "reference" else 0)
+    assert would_take > delay, f"the eval would take ~{would_take:.0f} s, not more than the {delay} s delay"
     cluster.run(["scancel", "--signal=USR2", job])
     sent = time.time()
 
@@ -43,8 +54,10 @@ def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_
     requeue = next(ln for ln in log0.splitlines() if "requeueing job" in ln)
     assert re.search(r"\[job\] (preempted|timed out): checkpointed at step 4; requeueing job", requeue)
     assert since_signal < delay, f"{since_signal:.0f} s from the signal to the requeue; the profile allows {delay} s"
-    assert "FID set (cfg" not in log0.split(requeue)[0]  # the eval never got past its FID reference
-    print(f"[test] signal to requeue: {since_signal:.1f} s (signal_delay_s {delay} s)")
+    n = progress.group(3)
+    assert not re.search(rf"FID {progress.group(1)}[^:]*: rank 0 {n}/{n} images", log0.split(requeue)[0])  # cut short
+    print(f"[test] signal to requeue: {since_signal:.1f} s (signal_delay_s {delay} s); the eval would have taken "
+          f"~{would_take:.0f} s")
 
     from latentforge.training import checkpoint
 
