@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Iterator
 
 import pytest
-from test_slurm_jobs import _SUBMITTED, _log, _poll, _sacct, cluster  # noqa: F401  (the module's cluster fixture)
+from slurm_cluster import SlurmCluster
+from submitted import job_log as _log
+from submitted import poll as _poll
+from submitted import sacct, submitting_to
 
 from latentforge.launch import submit
 from latentforge.launch.profiles import find_profile, load_profile
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+_SUBMITTED: list[str] = []  # job ids this module submitted (cancelled at the end if still there)
 
 
-def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_delay(cluster, tiny_data) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    with submitting_to(slurm_cluster, tmp_path_factory.mktemp("slurm_signals_cwd"), _SUBMITTED) as c:
+        yield c
+
+
+def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_delay(cluster, tiny_data) -> None:
     root, overrides = tiny_data
     delay = load_profile(find_profile("local")).signal_delay_s
     # 128 held-out images (2 of the 4 latent parts) through a random Inception at 299 px,
@@ -68,4 +79,5 @@ def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_
     assert f"[train] resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in \
         _log(run_dir, job).split("restart 1", 1)[1]
     cluster.run(["scancel", job])
-    _poll(f"job {job} to end", lambda: (_sacct(cluster, job) or [("", "")])[-1][1] in ("CANCELLED", "COMPLETED"), 120)
+    _poll(f"job {job} to end", lambda: (sacct(cluster, job) or [("", "", "")])[-1][1] in ("CANCELLED", "COMPLETED"),
+          120)
