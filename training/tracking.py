@@ -715,7 +715,7 @@ class SyncResult:
     notes: list[str] = field(default_factory=list)
 
 
-def sync(directory: str | os.PathLike, uri: str | None = None, timeout_s: float = 300.0) -> list[SyncResult]:
+def sync(directory: str | os.PathLike, uri: str | None = None, timeout_s: float = 120.0) -> list[SyncResult]:
     """Deliver what earlier processes left in DIRECTORY's spools (RUN_DIR/tracking and the
     stand-alone evals' RUN_DIR/eval/step_*/tracking) to the run each belongs to, through
     the tracking URI each recorded (or `uri`). Segments of a process that is still running
