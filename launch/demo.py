@@ -43,14 +43,14 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
     from latentforge.training.export import export
 
     run_dir = cfg.resolved_run_dir
-    out = export(run_dir, run_dir / "export")
+    out = export(run_dir, Path(run_root) / "exports" / "demo")  # not inside the run: exports never are
     prompts = ["a large red circle in the center on a white background",
                "a small blue square in the top left on a black background",
                "a large green triangle in the bottom right on a gray background"]
-    sample_path = sample_from_export(out, prompts, run_dir / "export_samples.png", n=4)
+    sample_path = sample_from_export(out, prompts, Path(run_root) / "exports" / "demo_samples.png", n=4)
 
     grids = sorted((run_dir / "samples").glob("step_*.png"))
-    run_id = _run_id(run_dir)
+    run_id = _run_id(out)
     uri = cfg.resolved_tracking_uri
     print()
     print(f"demo finished in {(time.monotonic() - t0) / 60:.1f} min")
@@ -92,8 +92,8 @@ def run_url(ui: str, uri: str, experiment: str, run_id: str | None) -> str:
     return f"{ui}/#/experiments/{exp.experiment_id}" + (f"/runs/{run_id}" if run_id else "")
 
 
-def _run_id(run_dir: Path) -> str | None:
+def _run_id(export_dir: Path) -> str | None:
     import json
 
-    meta = json.loads((run_dir / "export" / "latentforge.json").read_text())
+    meta = json.loads((export_dir / "latentforge.json").read_text())
     return meta.get("mlflow_run_id")

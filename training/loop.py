@@ -30,11 +30,11 @@ from latentforge.data.loader import LatentLoader, split_parts
 from latentforge.log import Progress, StartupClock, get_logger
 from latentforge.training import checkpoint
 from latentforge.training import engine as eng
-from latentforge.training.control import SAVE, STOP, Peers, Watchdog
+from latentforge.training.control import SAVE, STOP, STOP_SIGNALS, EvalInterrupted, Peers, Watchdog
 from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
 from latentforge.training.ema import EMA
 from latentforge.training.state import TrainState
-from latentforge.training.tracking import Tracker, run_key_for
+from latentforge.training.tracking import SPOOL_DIR, Tracker, run_key_for
 from latentforge.training.unet import build_unet, count_params, unet_forward
 
 log = get_logger("train")
@@ -148,12 +148,16 @@ def restore(engine: eng.Engine, ema: EMA | None, run_dir: Path, plan: checkpoint
 def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_params: int,
                   note: dict[str, str] | None = None) -> Tracker:
     """Rank 0 owns the MLflow run; its id lives in the checkpoint (the others get a no-op).
-    `note`: extra tags, such as a resume's fallback (`ResumePlan.fallback_tags`)."""
+    Records wait in RUN_DIR/tracking until the store has them; what an earlier job left
+    there is delivered first (training/tracking.py). `note`: extra tags, such as a
+    resume's fallback (`ResumePlan.fallback_tags`)."""
+    main = dist.is_main()
     tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
-                      run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
+                      run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and main,
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
-                      run_key=run_key_for(run_dir) if dist.is_main() else None)
-    tracker.start(run_id=state.mlflow_run_id, wait=False)  # the run opens in the tracker's thread, off the critical path
+                      run_key=run_key_for(run_dir) if main else None, spool_dir=run_dir / SPOOL_DIR if main else None)
+    # The run opens in the tracker's thread, off the critical path of the start-up.
+    tracker.start(run_id=state.mlflow_run_id, resume_step=None if fresh else state.step, wait=False)
     if fresh:
         tracker.log_params(config_mod.flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
@@ -260,10 +264,12 @@ def checkpoint_due(cfg: Config, step: int, agreed: tuple[bool, bool, bool] | Non
 
 
 def sync_due(cfg: Config, step: int, first: bool) -> bool:
-    """Whether `step` is a sync point: a log step, a checkpoint step, or a (re)start's first
-    step (a flag set while the run was loading takes effect at once)."""
+    """Whether `step` is a sync point: a log step, a checkpoint step, an eval step (an eval
+    interrupted by a stop signal checkpoints there), or a (re)start's first step (a flag set
+    while the run was loading takes effect at once)."""
     return (first or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
-            or (cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0))
+            or (cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0)
+            or (cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0))
 
 
 @dataclass
@@ -352,6 +358,23 @@ class Meter:
                      flags=(stop > 0, timed > 0, asked > 0), metrics=metrics)
 
 
+def save_checkpoint(engine: eng.Engine, run_dir: Path, state: TrainState, data: LatentLoader, ema: EMA | None,
+                    tracker: Tracker, keep_last: int) -> None:
+    """Checkpoint the run at `state.step` (collective; a sync point, so `state` is up to
+    date), then make the tracking spool durable up to here: what was logged before a
+    checkpoint survives a lost node."""
+    state.loader, state.ema, state.mlflow_run_id = (
+        data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
+    checkpoint.save(engine, run_dir, state, keep_last)
+    tracker.sync()
+
+
+def stop_message(step: int, during: str = "") -> str:
+    if STOP.signum == signal.SIGINT:
+        return f"interrupted (Ctrl-C){during}: checkpointed at step {step}, exiting"
+    return f"stop signal {STOP.signum}{during}: checkpointed at step {step}, exiting for requeue"
+
+
 # ---------------------------------------------------------------------------------------
 # The loop.
 
@@ -365,7 +388,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     peers = Peers.gather() if world > 1 else None  # who a lost rank was, for the error message
     if peers is not None:
         log.info(peers.layout())
-    STOP.install((signal.SIGUSR2, signal.SIGTERM))
+    STOP.install(STOP_SIGNALS)
     SAVE.install((signal.SIGUSR1,))
     run_dir = build_run_dir(cfg)
     micro_batch, accum = config_mod.batch_split(cfg, world)
@@ -409,7 +432,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
     batches = iter(data)
     meter, progress = Meter(dist.device(), cfg.train.max_nonfinite_steps), Progress(cfg.train.max_steps, start=state.step)
-    first_step, last_save = state.step + 1, time.monotonic()
+    first_step, last_save, saved_step = state.step + 1, time.monotonic(), -1
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
     watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
@@ -466,11 +489,9 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             # Checkpoint.
             decision = checkpoint_due(cfg, state.step, agreed)
             if decision.save:
-                state.loader, state.ema, state.mlflow_run_id = (
-                    data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
                 watchdog.beat()  # a save's own barriers are bounded by the same timeout
-                checkpoint.save(engine, run_dir, state, cfg.train.keep_last)
-                last_save = time.monotonic()
+                save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
+                last_save, saved_step = time.monotonic(), state.step
                 if decision.asked:
                     SAVE.clear()
                     if dist.is_main():
@@ -478,18 +499,31 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                     log.info(f"on-demand checkpoint at step {state.step}")
             if decision.stop:
                 preempted = True
-                log.info(f"stop signal {STOP.signum}: checkpointed at step {state.step}, exiting for requeue")
+                log.info(stop_message(state.step))
                 break
 
-            # Evaluate.
+            # Evaluate. A stop signal interrupts it at a batch boundary, on every rank at once:
+            # checkpoint (unless this step just was), then leave like any stop.
             if (evaluator is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
                     and state.step < cfg.train.max_steps):
                 watchdog.pause()
-                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+                try:
+                    tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+                except EvalInterrupted:
+                    watchdog.beat()
+                    if saved_step != state.step:
+                        save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
+                    preempted = True
+                    log.info(stop_message(state.step, " during eval"))
+                    break
 
         watchdog.stop()
         if not preempted and evaluator is not None:
-            tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+            try:  # the last checkpoint is this step's: an interrupted final eval runs again after a requeue
+                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+            except EvalInterrupted:
+                preempted = True
+                log.info(stop_message(state.step, " during the final eval"))
         status = "KILLED" if preempted else "FINISHED"
     except Exception as e:
         lost = peers.explain(e) if peers is not None else None  # a failed collective: name the silent rank
