@@ -175,6 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from latentforge import spawn
 
     if spawn.should_spawn(cfg.nproc):
+        from latentforge.training.loop import preflight
+
+        preflight(cfg)  # init_from/LoRA against the latents, the latent set of a resume: before any rank starts
         argv = ["train"] + (["--config", args.config] if args.config else []) + \
                (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
         return spawn.spawn(argv, cfg.nproc)

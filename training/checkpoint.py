@@ -107,6 +107,7 @@ def save(engine: Any, run_dir: Path, state: TrainState, keep_last: int) -> str:
     if dist.is_main():
         atomic_write(d / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.world_size(),
                                                      "zero_stage": engine.cfg.train.zero_stage,
+                                                     "dataset": (state.loader or {}).get("dataset"),
                                                      "time": time.time()}), fsync=True)
         atomic_write(d / LATEST, tag, fsync=True)
         prune(run_dir, keep_last)
@@ -260,7 +261,7 @@ def load(engine: Any, run_dir: Path, plan: ResumePlan) -> TrainState:
 # Reading checkpoints in one process (export, eval, tests).
 
 
-def _model_states_file(d: Path) -> Path:
+def model_states_file(d: Path) -> Path:
     f = d / "mp_rank_00_model_states.pt"
     return f if f.is_file() else d / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank
 
@@ -288,7 +289,7 @@ def _read_state(run_dir: Path, tag: str | None) -> tuple[str, dict[str, Any], Tr
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
-    states = torch.load(_model_states_file(ckpt_dir(run_dir) / tag), map_location="cpu", weights_only=False)
+    states = torch.load(model_states_file(ckpt_dir(run_dir) / tag), map_location="cpu", weights_only=False)
     state = TrainState.from_state_dict(states)
     if state.ema and state.ema.get("layout") is not None:
         state.ema = {"updates": state.ema["updates"], "shadow": consolidated_ema(run_dir, tag), "layout": None}

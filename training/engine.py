@@ -276,7 +276,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
         model.enable_gradient_checkpointing()  # diffusers: recompute each block's activations in backward
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        if p.requires_grad:  # frozen weights (a LoRA run's base U-Net) get no optimizer state
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel over ZeRO's flat fp32 partitions, without the partition-sized
