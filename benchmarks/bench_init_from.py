@@ -27,15 +27,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks import bench_memory  # noqa: E402
 from benchmarks._common import Report  # noqa: E402
-from benchmarks.bench_train import MODELS, Stepper, rss_gb, spawn_ranks  # noqa: E402
+from benchmarks.bench_train import MODELS, Stepper, spawn_ranks  # noqa: E402
 
 
 def save_model(model: str, out: Path) -> int:
@@ -48,31 +48,6 @@ def save_model(model: str, out: Path) -> int:
     unet = build_unet(cfg.model, latent[0], latent[1], text[1], pooled)
     unet.save_pretrained(out)
     return count_params(unet)
-
-
-def worker(args: argparse.Namespace) -> int:
-    import deepspeed  # noqa: F401  (counted in the baseline, as in the trainer)
-    import diffusers  # noqa: F401
-
-    from latentforge.training import engine as eng
-
-    torch.set_num_threads(1)
-    eng.init_distributed(600.0)
-    rank = int(os.environ["RANK"])
-    base, _ = rss_gb()
-    t0 = time.perf_counter()
-    s = Stepper(args.model, 1, 3, init_dir=args.init_dir)
-    built, _ = rss_gb()
-    what = "init_from" if args.init_dir else "random"
-    if rank == 0:
-        print(f"[bench] ZeRO-3 {what}: {s.n_params / 1e6:.0f}M params, engine built in "
-              f"{time.perf_counter() - t0:.0f}s; {args.steps} steps", flush=True)
-    for i in range(args.steps):
-        s.step(i)
-    now, peak = rss_gb()
-    Path(args.out, f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "baseline": base, "after_build": built, "after_steps": now, "peak": peak}))
-    return 0
 
 
 def optimizer_bytes(model: str, init_dir: str, lora_rank: int) -> tuple[int, int, int]:
@@ -88,18 +63,13 @@ def optimizer_bytes(model: str, init_dir: str, lora_rank: int) -> tuple[int, int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="300m", choices=["300m", "mid", "tiny"])
+    ap.add_argument("--model", default="300m", choices=["300m", "mid"])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--skip-memory", action="store_true", help="only the optimizer-state figures")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--init-dir", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        return worker(args)
 
     rep = Report(f"model.init_from under ZeRO-3 and LoRA optimizer state, `{args.model}` U-Net, fp32, "
                  f"MALLOC_MMAP_THRESHOLD_=131072")
@@ -114,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         for what, init in ([] if args.skip_memory else [("random", ""), ("init_from", str(src))]):
             with tempfile.TemporaryDirectory() as out:
                 print(f"[bench] ZeRO-3 {what}: starting {args.ranks} ranks", flush=True)
-                codes = spawn_ranks(__file__, ["--worker", f"--out={out}", f"--steps={args.steps}",
-                                               f"--model={args.model}", f"--init-dir={init}"], args.ranks)
+                # bench_memory.py's worker: engine, EMA and steps as the trainer builds them.
+                codes = spawn_ranks(bench_memory.__file__, ["--worker", "--stage=3", f"--out={out}",
+                                                            f"--steps={args.steps}", f"--model={args.model}",
+                                                            f"--init-dir={init}"], args.ranks)
                 if any(codes):
                     print(f"[bench] ZeRO-3 {what}: ranks exited with {codes}", file=sys.stderr)
                     return 1

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
 from latentforge.errors import AbortError, ConfigError  # noqa: F401  (re-exported: callers import them from here)
 
 

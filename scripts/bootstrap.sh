@@ -18,7 +18,7 @@ echo "[bootstrap] installing torch 2.14.1 / torchvision 0.29.1 (the tested pair;
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
 echo "[bootstrap] installing latentforge and its dependencies"
 "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset" \
+"$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset, peft, transformers" \
   || { echo "[bootstrap] the install is incomplete: an import failed above" >&2; exit 1; }
 rm -f "$VENV"/.latentforge-installed-*
 touch "$stamp"

@@ -140,8 +140,8 @@ def train_run(tiny_data):
 # tiny preset's own x0 objective (flat shapes are quick to learn), one rank, MLflow on.
 SRC_OVERRIDES = ("diffusion.prediction=sample", "diffusion.zero_terminal_snr=true", "optim.lr=3e-3",
                  "optim.warmup_steps=50", "optim.decay=cosine", "optim.min_lr_ratio=0.1",
-                 "train.global_batch_size=64", "train.max_steps=600", "train.ckpt_every_steps=300",
-                 "train.log_every=50", "tracking.enabled=true")
+                 "train.global_batch_size=64", "train.max_steps=100", "train.ckpt_every_steps=50",
+                 "train.log_every=25", "tracking.enabled=true")
 
 
 @pytest.fixture(scope="session")

@@ -28,9 +28,8 @@ from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders
 from latentforge.data.loader import LatentLoader, split_parts
 from latentforge.log import Progress, get_logger
-from latentforge.training import checkpoint
+from latentforge.training import checkpoint, init_from
 from latentforge.training import engine as eng
-from latentforge.training import init_from
 from latentforge.training.control import SAVE, STOP, Watchdog
 from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
 from latentforge.training.ema import EMA
