@@ -141,3 +141,23 @@ def test_inpainting_keeps_the_known_region_and_fills_the_mask_as_prompted(inpain
     for attribute in ("shape", "position", "size"):
         assert s[attribute] >= 5 / 6, (attribute, s)
     assert s["color"] >= 4 / 6, s
+
+
+@pytest.mark.slow
+def test_sample_command_inpaints_and_refuses_a_mask_alone(inpaint_model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from latentforge.launch.cli import main
+
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "init.png")  # resized to the model's 32 px
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(inpaint_model), "--prompt", COLOR_PROMPTS[0], "--n", "2", "--steps", "5",
+                 "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", "--model", str(inpaint_model), "--prompt", "x", "--mask", str(tmp_path / "mask.png")]) == 2
+    assert "--mask: needs --init-image" in capsys.readouterr().err
