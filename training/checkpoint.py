@@ -311,6 +311,11 @@ def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[st
         from latentforge.training.engine import consolidated_state_dict
 
         weights = consolidated_state_dict(ckpt_dir(run_dir), tag)
+        # zero_to_fp32 rebuilds what the optimizer holds; below ZeRO-3 the module states hold the
+        # rest whole (ZeRO-1 records no frozen parameters: a LoRA run's base U-Net).
+        for k, v in (states.get("module") or {}).items():
+            if k not in weights and v.numel():
+                weights[k] = v.float().clone()
     else:  # ZeRO stage 0: the module states file holds the weights
         weights = {k: v.float().clone() for k, v in states["module"].items()}
     return weights, state

@@ -129,6 +129,8 @@ def preflight(cfg: Config, shapes: dict[str, list[int]] | None = None) -> None:
     from latentforge.training.unet import attention_projections, unet_kwargs
 
     if shapes is None:
+        if not (cfg.resolved_latent_dir / lat.MANIFEST).is_file():
+            return  # no latents yet (a precompute still running): the ranks check when they open them
         shapes = lat.load_manifest(cfg.resolved_latent_dir)["shapes"]
     src = sources.locate(cfg.model.init_from)
     sc = source_unet_config(src)
