@@ -84,7 +84,7 @@ def _run_client(run_dir: Path, tag: str) -> Any:
 
     d = ckpt_dir(run_dir) / tag
     return TrainState.from_state_dict(torch.load(model_states_file(d), map_location="cpu", mmap=True,
-                                                 weights_only=False))
+                                                 weights_only=True))
 
 
 def source_unet_config(src: sources.Source) -> dict[str, Any]:
