@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from latentforge.env import bind_gloo_interface
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -57,6 +59,7 @@ def init(timeout_s: float = 600.0) -> None:
     if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1 and "MASTER_ADDR" not in os.environ:
         return
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
     if device().type == "cuda":
         torch.cuda.set_device(device())
     dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))

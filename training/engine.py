@@ -21,10 +21,12 @@ import torch
 
 from latentforge import dist
 from latentforge.config import Config, ConfigError, batch_split
-from latentforge.env import free_port
+from latentforge.env import bind_gloo_interface, free_port
 from latentforge.fileio import atomic_write
-from latentforge.log import quiet_prints, quiet_third_party
+from latentforge.log import get_logger, quiet_prints, quiet_third_party
 from latentforge.training import deepspeed_compat as compat
+
+log = get_logger("train")
 
 
 def _deepspeed() -> Any:
@@ -115,6 +117,9 @@ def init_distributed(timeout_s: float) -> None:
                           MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    network = bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
+    if network:
+        log.info(network)
     import datetime
 
     deepspeed = _deepspeed()

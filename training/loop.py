@@ -30,7 +30,7 @@ from latentforge.data.loader import LatentLoader, split_parts
 from latentforge.log import Progress, get_logger
 from latentforge.training import checkpoint, init_from
 from latentforge.training import engine as eng
-from latentforge.training.control import SAVE, STOP, Watchdog
+from latentforge.training.control import SAVE, STOP, Peers, Watchdog
 from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
 from latentforge.training.ema import EMA
 from latentforge.training.state import TrainState
@@ -326,6 +326,9 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     the periodic evaluator (none: no eval)."""
     eng.init_distributed(cfg.train.collective_timeout_s)
     world = dist.world_size()
+    peers = Peers.gather() if world > 1 else None  # who a lost rank was, for the error message
+    if peers is not None:
+        log.info(peers.layout())
     STOP.install((signal.SIGUSR2, signal.SIGTERM))
     SAVE.install((signal.SIGUSR1,))
     run_dir = build_run_dir(cfg)
@@ -375,7 +378,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     last_save, nonfinite_run, overflow_total = time.monotonic(), 0, 0
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
-    watchdog = Watchdog(cfg.train.collective_timeout_s)
+    watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
     try:
         while state.step < cfg.train.max_steps:
             watchdog.beat()
@@ -442,6 +445,11 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
         if not preempted and evaluator is not None:
             tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
         status = "KILLED" if preempted else "FINISHED"
+    except Exception as e:
+        lost = peers.explain(e) if peers is not None else None  # a failed collective: name the silent rank
+        if lost is not None:
+            raise lost from e
+        raise
     finally:
         # Shut the loader's DataLoader workers down now. On an error (a dead peer rank, a
         # non-finite abort) the traceback keeps this frame, and with it the iterator, alive
