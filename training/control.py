@@ -2,7 +2,14 @@
 who a lost rank was.
 
 Preemption: a signal only sets a flag; the loop agrees on it at step boundaries and all
-ranks save together (DeepSpeed's save is collective: a rank-0-only save hangs).
+ranks save together (DeepSpeed's save is collective: a rank-0-only save hangs). An
+evaluation (periodic, or stand-alone) looks at the flag at every batch boundary with
+`check_stop` (one tiny all-reduce): when any rank has it, every rank raises EvalInterrupted
+at the same boundary, well before SLURM's kill.
+
+Ctrl-C (SIGINT) is a stop like SIGTERM: the terminal sends it to every process of the job
+(latentforge/spawn.py does not forward it again), the ranks agree, save, close the MLflow
+run as KILLED and exit with 130. A second Ctrl-C while they do that only says so.
 
 A lost node: a collective fails at once when a peer's sockets close (its processes were
 killed) and hangs until the watchdog when they stay open (a frozen process, a node that
@@ -26,20 +33,29 @@ from latentforge import dist
 from latentforge.config import AbortError
 from latentforge.env import route_to_job, spans_nodes
 from latentforge.log import get_logger
+from latentforge.spawn import REQUEUE_EXIT_CODE
 
 log = get_logger("train")
+
 
 class StopFlag:
     """Set by a signal handler, read by the loop at step boundaries."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.repeated = False  # a second Ctrl-C arrived
 
     def install(self, signums: tuple[int, ...]) -> None:
         for s in signums:
             signal.signal(s, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            if not self.repeated:
+                self.repeated = True
+                log.warning("already stopping: the ranks save a checkpoint and close the MLflow run, then exit "
+                            "(kill -9 abandons them)")
+            return
         self.signum = signum
 
     def set(self, signum: int = signal.SIGUSR2) -> None:
@@ -49,8 +65,27 @@ class StopFlag:
         self.signum = None
 
 
-STOP = StopFlag()  # SIGUSR2 / SIGTERM: checkpoint, then exit for requeue
+STOP = StopFlag()  # SIGUSR2 / SIGTERM / SIGINT: checkpoint, then exit (for requeue)
 SAVE = StopFlag()  # SIGUSR1 (or touching RUN_DIR/SAVE_NOW): checkpoint, then go on
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C'd command
+
+
+class EvalInterrupted(Exception):
+    """A stop signal reached a rank during an evaluation; every rank raises it at the same
+    batch boundary (`check_stop`)."""
+
+
+def check_stop(where: str = "") -> None:
+    """At a batch boundary of an evaluation: raise EvalInterrupted on every rank if any
+    rank got a stop signal. Collective: every rank must call it equally often."""
+    if dist.any_rank(STOP.signum is not None):
+        raise EvalInterrupted(f"stop signal during eval{f' ({where})' if where else ''}")
+
+
+def exit_code_for_stop() -> int:
+    """What a process that stopped on a signal returns: 130 after Ctrl-C, else the requeue code."""
+    return INTERRUPTED_EXIT_CODE if STOP.signum == signal.SIGINT else REQUEUE_EXIT_CODE
 
 
 class Watchdog:

@@ -34,6 +34,13 @@ diffusers-format U-Nets; LoRA runs also get diffusers-loadable adapter weights.
 
 The consolidation reads DeepSpeed's sharded files directly (zero_to_fp32), so export
 runs in one process with no process group, from any ZeRO stage.
+
+EXPORT is refused when it is, contains or lies inside a run, checkpoint or latent
+directory or an MLflow store, or is a non-empty directory other than an earlier export
+(latentforge/outputs.py). An earlier export is replaced atomically: the new one is written
+to a temporary sibling, the old one moved aside, the new one moved in, the old one
+deleted; the next export (or a reader of the export) puts an aside copy back if a crash
+left nothing under the name.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ import numpy as np
 import torch
 
 from latentforge import config as config_mod
+from latentforge import outputs
+from latentforge.fileio import write_json
 from latentforge.hashing import sha256_files
 from latentforge.log import get_logger
 from latentforge.training import checkpoint
@@ -57,6 +66,20 @@ from latentforge.training.unet import lora_state_dict, merge_lora, unet_from_wei
 log = get_logger("export")
 META = "latentforge.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def is_export(path: Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def check_out(out: Path, cfg: config_mod.Config) -> None:
+    """Refuse an EXPORT path that would destroy work (one line), after putting back an
+    earlier export that an interrupted replacement left aside."""
+    recovered = outputs.recover_dir(out, is_export)
+    if recovered:
+        log.info(f"{out}: {recovered}")
+    outputs.check_output_dir(out, command="export", metadata=META, is_earlier_output=is_export,
+                             stores=outputs.store_paths(cfg.resolved_tracking_uri))
 
 
 def pipeline_reason(cfg: config_mod.Config, state: TrainState) -> str | None:
@@ -114,6 +137,7 @@ def _unets(cfg: config_mod.Config, state: TrainState, weights: dict[str, torch.T
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None, merge_lora: bool = False) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     cfg = config_mod.load_resolved(run_dir / "config.yaml")
+    check_out(out, cfg)
     tag = tag or checkpoint.latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
@@ -125,63 +149,65 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, merge_l
     reason = pipeline_reason(cfg, state)
     unets, loras = _unets(cfg, state, weights, str(where), merge_lora)
     del weights
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = outputs.temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
 
-    # Which folder holds which U-Net: the pipeline's own unet/ is the one it samples with.
-    if "base" in unets:
-        folders = {"base": "unet"}
-    elif reason is None:
-        folders = {("ema" if "ema" in unets else "raw"): "unet", **({"raw": "unet_raw"} if "ema" in unets else {})}
-    else:
-        folders = {"raw": "unet", **({"ema": "unet_ema"} if "ema" in unets else {})}
-    main = unets[next(k for k, f in folders.items() if f == "unet")]
-    if reason is None:
-        _save_pipeline(cfg, state, main, tmp)
-    else:
-        main.save_pretrained(tmp / "unet")
-    for name, folder in folders.items():
-        if folder != "unet":
-            unets[name].save_pretrained(tmp / folder)
-    lora_meta = None
-    if loras:
-        from safetensors.torch import save_file
+        # Which folder holds which U-Net: the pipeline's own unet/ is the one it samples with.
+        if "base" in unets:
+            folders = {"base": "unet"}
+        elif reason is None:
+            folders = {("ema" if "ema" in unets else "raw"): "unet", **({"raw": "unet_raw"} if "ema" in unets else {})}
+        else:
+            folders = {"raw": "unet", **({"ema": "unet_ema"} if "ema" in unets else {})}
+        main = unets[next(k for k, f in folders.items() if f == "unet")]
+        if reason is None:
+            _save_pipeline(cfg, state, main, tmp)
+        else:
+            main.save_pretrained(tmp / "unet")
+        for name, folder in folders.items():
+            if folder != "unet":
+                unets[name].save_pretrained(tmp / folder)
+        lora_meta = None
+        if loras:
+            from safetensors.torch import save_file
 
-        lora_files = {("ema" if "ema" in loras else "raw"): LORA_FILE}
-        save_file(loras["ema" if "ema" in loras else "raw"], str(tmp / LORA_FILE))
-        if "ema" in loras:
-            (tmp / "lora_raw").mkdir()
-            save_file(loras["raw"], str(tmp / "lora_raw" / LORA_FILE))
-            lora_files["raw"] = f"lora_raw/{LORA_FILE}"
-        lora_meta = {"rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha or cfg.model.lora_rank,
-                     "files": lora_files, "merged": merge_lora}
-    shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
-    np.savez(tmp / "null_text.npz", tokens=null_tokens.numpy(), pooled=null_pooled.numpy())
-    meta = {
-        "format": "latentforge-export/2",
-        "step": state.step,
-        "samples_seen": state.samples_seen,
-        "run_dir": str(run_dir.resolve()),
-        "checkpoint": tag,
-        "mlflow_run_id": state.mlflow_run_id,
-        "ema": bool(state.ema),
-        "unets": folders,
-        "pipeline": reason is None,
-        "pipeline_reason": reason,
-        "lora": lora_meta,
-        "init_from": state.init_from,
-        "shapes": state.shapes,
-        "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
-        "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
-        "scale": state.scale,
-        "shift": state.shift,
-        "diffusion": config_mod.to_dict(cfg.diffusion),
-    }
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+            lora_files = {("ema" if "ema" in loras else "raw"): LORA_FILE}
+            save_file(loras["ema" if "ema" in loras else "raw"], str(tmp / LORA_FILE))
+            if "ema" in loras:
+                (tmp / "lora_raw").mkdir()
+                save_file(loras["raw"], str(tmp / "lora_raw" / LORA_FILE))
+                lora_files["raw"] = f"lora_raw/{LORA_FILE}"
+            lora_meta = {"rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha or cfg.model.lora_rank,
+                         "files": lora_files, "merged": merge_lora}
+        shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+        np.savez(tmp / "null_text.npz", tokens=null_tokens.numpy(), pooled=null_pooled.numpy())
+        meta = {
+            "format": "latentforge-export/2",
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "run_dir": str(run_dir.resolve()),
+            "checkpoint": tag,
+            "mlflow_run_id": state.mlflow_run_id,
+            "ema": bool(state.ema),
+            "unets": folders,
+            "pipeline": reason is None,
+            "pipeline_reason": reason,
+            "lora": lora_meta,
+            "init_from": state.init_from,
+            "shapes": state.shapes,
+            "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
+            "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
+            "scale": state.scale,
+            "shift": state.shift,
+            "diffusion": config_mod.to_dict(cfg.diffusion),
+        }
+        write_json(tmp / META, meta)  # last: an export is recognised by it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    outputs.replace_dir(tmp, out)
     if reason is not None:
         log.info(f"not a StableDiffusionPipeline: {reason}")
     record_export(cfg, meta.get("mlflow_run_id"), out)
@@ -244,6 +270,7 @@ def load_export(model_dir: str | Path, use_ema: bool = True, device: torch.devic
     from diffusers import UNet2DConditionModel
 
     model_dir = Path(model_dir)
+    outputs.recover_dir(model_dir, is_export)  # an export whose replacement was interrupted
     if not (model_dir / META).is_file():
         raise FileNotFoundError(f"{model_dir}: not a latentforge export (no {META})")
     meta = json.loads((model_dir / META).read_text())
