@@ -304,7 +304,8 @@ def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.devi
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit)  # grads * 1: unchanged
-        optimizer.found_inf, optimizer.grad_scale = found_inf, None  # torch's AMP hook of Adam.step
+        # torch's AMP hook of Adam.step; 0-dim, as GradScaler's: the step counts it is subtracted from are 0-dim.
+        optimizer.found_inf, optimizer.grad_scale = found_inf.view(()), None
         return step(*args, **kwargs)
 
     optimizer.step = guarded_step  # an instance attribute shadows the method
