@@ -58,7 +58,9 @@ class Stepper:
     the environment, or a one-rank group). `step(i)` runs micro-batches x accumulation."""
 
     def __init__(self, model: str, micro_batch: int, zero_stage: int, extra: list[str] = (),
-                 ema: bool = True):
+                 ema: bool = True, init_dir: str = "", lora_rank: int = 0):
+        """init_dir: a diffusers U-Net folder to start from, loaded as model.init_from does
+        (training/init_from.py); lora_rank: train LoRA adapters on it (the trainer's build_model)."""
         from latentforge import dist
         from latentforge.config import resolve
         from latentforge.training import engine as eng
@@ -74,8 +76,20 @@ class Stepper:
         eng.init_distributed(self.cfg.train.collective_timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(0)
-        unet = build_unet(self.cfg.model, self.latent[0], self.latent[1], self.text[1], self.pooled)
+        if init_dir:
+            from latentforge.training.init_from import load_unet
+
+            shapes = {"latent": list(self.latent), "text": list(self.text), "pooled": [self.pooled]}
+            unet = load_unet(self.cfg.model, shapes, Path(init_dir))
+        else:
+            unet = build_unet(self.cfg.model, self.latent[0], self.latent[1], self.text[1], self.pooled)
+        if lora_rank:
+            from latentforge.training.unet import add_lora
+
+            self.cfg.model.lora_rank = lora_rank
+            add_lora(unet, self.cfg.model)
         self.n_params = count_params(unet)
+        self.n_trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         self.engine = eng.build_engine(unet, self.cfg)
         self.ema = EMA(self.engine.ema_parameters(), self.cfg.ema, self.engine.ema_layout(),
                        self.engine.gather_shard) if ema else None

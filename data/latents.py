@@ -410,6 +410,19 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
     return manifest
 
 
+def dataset_id(latent_dir: str | os.PathLike, manifest: dict[str, Any], parts: list[dict]) -> str:
+    """The identity of the latent set `parts` of a dataset: its encoders' identity and every
+    part's file, count and content hash (from the per-shard manifests). A loader position
+    is only meaningful for the parts it was dealt from: it records this, and a resume on
+    another set is refused."""
+    sha: dict[str, str] = {}
+    for p in (Path(latent_dir) / SHARDS).glob("*.json"):
+        for part in json.loads(p.read_text()).get("parts", []):
+            sha[f"{SHARDS}/{part['file']}"] = part.get("sha256", "")
+    return json_sha256({"identity": manifest.get("identity_hash"),
+                        "parts": [[p["file"], int(p["count"]), sha.get(p["file"], "")] for p in parts]})
+
+
 def save_null_text(latent_dir: Path, tokens: np.ndarray, pooled: np.ndarray) -> None:
     """The empty caption's embedding, as an .npz with fixed zip timestamps (np.savez
     stamps the current time, which would make re-runs differ)."""

@@ -179,9 +179,11 @@ class Position:
     base: list[Segment] | None = None  # segments of the last deal; None = the epoch's full order
     layout: Layout | None = None  # layout of the last deal
     k: int = 0  # micro-batches handed out since that deal (equal on every rank)
+    dataset: str = ""  # the latent set the part indices refer to (latents.dataset_id); "" = unknown
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "dataset": self.dataset,
             "epoch": self.epoch,
             "base": None if self.base is None else [list(s) for s in self.base],
             "layout": None if self.layout is None else self.layout.as_list(),
@@ -195,6 +197,7 @@ class Position:
             base=None if d["base"] is None else [Segment(*map(int, s)) for s in d["base"]],
             layout=None if d["layout"] is None else Layout(*map(int, d["layout"])),
             k=int(d["k"]),
+            dataset=str(d.get("dataset") or ""),
         )
 
 
@@ -430,7 +433,10 @@ class LatentLoader:
 
     def __init__(self, latent_dir: str | Path, parts: list[dict], *, micro_batch: int, seed: int, rank: int,
                  world_size: int, num_workers: int = 0, prefetch_factor: int = 2, scale: float = 1.0,
-                 shift: float = 0.0, shapes: dict[str, list[int]], position: dict[str, Any] | None = None):
+                 shift: float = 0.0, shapes: dict[str, list[int]], position: dict[str, Any] | None = None,
+                 dataset: str = ""):
+        """`dataset`: the identity of `parts` (latents.dataset_id); a `position` saved for
+        another latent set is refused (its part indices would name other parts)."""
         self.latent_dir = Path(latent_dir)
         self.files = [p["file"] for p in parts]
         self.counts = [int(p["count"]) for p in parts]
@@ -443,11 +449,17 @@ class LatentLoader:
         self.fin = Finalize(scale=scale, shift=shift, seed=seed)
         self.shapes = shapes
         self.position = Position.from_state(position) if position else Position()
+        if dataset and self.position.dataset and self.position.dataset != dataset:
+            raise ValueError(f"data.latent_dir: the saved loader position belongs to latent set "
+                             f"{self.position.dataset}, but {latent_dir} holds {dataset}; resume on the same latents, "
+                             f"or start a new run (model.init_from=RUN_DIR starts it from this run's weights)")
+        self.position.dataset = dataset or self.position.dataset
         self._plan, self._k = plan_for(self.position, self.counts, seed, self.layout)
         self._commit_plan()
 
     def _commit_plan(self) -> None:
-        self.position = Position(self.position.epoch, list(self._plan.segments), self.layout, self._k)
+        self.position = Position(self.position.epoch, list(self._plan.segments), self.layout, self._k,
+                                 self.position.dataset)
 
     @property
     def epoch(self) -> int:
@@ -470,7 +482,7 @@ class LatentLoader:
         while True:
             yield from self._iter_plan()
             # The deal is used up: next epoch, dealt from scratch at this layout.
-            self.position = Position(self.position.epoch + 1, None, None, 0)
+            self.position = Position(self.position.epoch + 1, None, None, 0, self.position.dataset)
             self._plan, self._k = plan_for(self.position, self.counts, self.seed, self.layout)
             self._commit_plan()
 

@@ -63,7 +63,7 @@ from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise
 from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
 from latentforge.training.control import check_stop
-from latentforge.training.unet import build_unet, unet_forward
+from latentforge.training.unet import add_lora, build_unet, unet_forward
 
 log = get_logger("eval")
 
@@ -258,16 +258,21 @@ class Evaluator:
 
     def _eval_model(self, engine: Any, ema: Any) -> torch.nn.Module:
         """A plain U-Net on this rank's device with the weights to evaluate."""
+        lora = bool(self.cfg.model.lora_rank)
         if self._model is None:
             C, h, _ = self.shapes["latent"]
             self._model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
+            if lora:  # the same modules as the engine's: base layers and adapters
+                add_lora(self._model, self.cfg.model)
             self._model.to(dist.device()).eval().requires_grad_(False)
-        if ema is not None and self.cfg.eval.use_ema:
+        if ema is not None and self.cfg.eval.use_ema and not lora:
             ema.copy_to(self._model)
-        else:
+        else:  # LoRA: the frozen base from the engine, then its adapters' EMA over it
             with engine.full_parameters() as m, torch.no_grad():
                 for (name, p), (name2, q) in zip(self._model.named_parameters(), m.named_parameters()):
                     p.copy_(q.detach().float())
+            if ema is not None and self.cfg.eval.use_ema:
+                ema.copy_to(self._model)
         return self._model
 
     # ------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True)
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ex.add_argument("--merge-lora", action="store_true",
+                    help="LoRA runs: write the U-Nets with the adapters folded in (the adapter file is written either way)")
 
     sa = sub.add_parser("sample", help="generate images from an export")
     sa.add_argument("--model", required=True, help="export directory")
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--sampler", default=None)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--init-image", default=None, help="image-to-image / inpainting: the picture to start from")
+    sa.add_argument("--mask", default=None, help="inpainting: white where to generate, black where to keep the "
+                                                 "init image")
+    sa.add_argument("--strength", type=float, default=None,
+                    help="how much of the sampling to run from the noised init image, (0, 1] (default: 1 with "
+                         "--mask, 0.8 without)")
 
     sb = sub.add_parser("submit", help="submit precompute/train/eval through submitit")
     sb.add_argument("kind", choices=["precompute", "train", "eval"])
@@ -192,6 +200,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from latentforge import spawn
 
     if spawn.should_spawn(cfg.nproc):
+        from latentforge.training.loop import preflight
+
+        preflight(cfg)  # init_from/LoRA against the latents, the latent set of a resume: before any rank starts
         argv = ["train"] + (["--config", args.config] if args.config else []) + \
                (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
         return spawn.spawn(argv, cfg.nproc)
@@ -218,7 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from latentforge.training.export import export
 
-    out = export(args.run_dir, args.out, tag=args.tag)
+    out = export(args.run_dir, args.out, tag=args.tag, merge_lora=args.merge_lora)
     print(f"exported to {out}")
     return 0
 
@@ -227,7 +238,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from latentforge.eval.sample import sample_from_export
 
     path = sample_from_export(args.model, args.prompt, args.out, n=args.n, steps=args.steps,
-                              cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw)
+                              cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw,
+                              init_image=args.init_image, mask=args.mask, strength=args.strength)
     print(f"wrote {path}")
     return 0
 

@@ -128,6 +128,10 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
         if target:
             raise SubmitError("--target is for `submit eval`")
         _world_check(cfg, prof, where)
+        if cfg.model.init_from or cfg.resolved_run_dir.is_dir():
+            from latentforge.training.loop import preflight
+
+            preflight(cfg)  # model.init_from against the latents, a resume on another latent set
         run_dir = cfg.resolved_run_dir.resolve()
         busy = jobrec.active_jobs(jobrec.read_records(run_dir / jobrec.JOBS_FILE), run_dir)
         if busy:

@@ -58,7 +58,7 @@ echo "[bootstrap] installing latentforge[dev] into $VENV at $what (torch 2.14.1 
   | { grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -m pip check 2>&1 | { grep -v "^WARNING: Location" || true; }
 DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} \
-  "$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset" \
+  "$VENV/bin/python" -c "import torch, torchvision, deepspeed, open_clip, diffusers, mlflow, submitit, webdataset, peft, transformers" \
   || { echo "[bootstrap] the install is incomplete: an import failed above" >&2; exit 1; }
 rm -f "$VENV"/.latentforge-installed-*
 touch "$stamp"

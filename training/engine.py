@@ -304,7 +304,8 @@ def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.devi
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit)  # grads * 1: unchanged
-        optimizer.found_inf, optimizer.grad_scale = found_inf, None  # torch's AMP hook of Adam.step
+        # torch's AMP hook of Adam.step; 0-dim, as GradScaler's: the step counts it is subtracted from are 0-dim.
+        optimizer.found_inf, optimizer.grad_scale = found_inf.view(()), None
         return step(*args, **kwargs)
 
     optimizer.step = guarded_step  # an instance attribute shadows the method
@@ -329,7 +330,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
         model.enable_gradient_checkpointing()  # diffusers: recompute each block's activations in backward
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        if p.requires_grad:  # frozen weights (a LoRA run's base U-Net) get no optimizer state
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel over ZeRO's flat fp32 partitions, without the partition-sized

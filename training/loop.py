@@ -23,19 +23,19 @@ import torch
 
 from latentforge import config as config_mod
 from latentforge import dist
-from latentforge.config import AbortError, Config
+from latentforge.config import AbortError, Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders
 from latentforge.data.loader import LatentLoader, split_parts
 from latentforge.log import Progress, StartupClock, get_logger
-from latentforge.training import checkpoint
+from latentforge.training import checkpoint, init_from
 from latentforge.training import engine as eng
 from latentforge.training.control import SAVE, STOP, STOP_SIGNALS, EvalInterrupted, Peers, Watchdog
 from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
 from latentforge.training.ema import EMA
 from latentforge.training.state import TrainState
 from latentforge.training.tracking import SPOOL_DIR, Tracker, run_key_for
-from latentforge.training.unet import build_unet, count_params, unet_forward
+from latentforge.training.unet import add_lora, build_unet, count_params, unet_forward
 
 log = get_logger("train")
 
@@ -98,6 +98,7 @@ class LatentData:
     train_parts: list[dict]
     heldout_parts: list[dict]
     null_text: tuple[torch.Tensor, torch.Tensor]  # (L, D), (P,): the empty caption's embedding
+    dataset: str  # identity of the training parts (latents.dataset_id), recorded in the loader position
 
 
 def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
@@ -107,7 +108,33 @@ def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
     lat.check_identity(manifest, encoders.identity(cfg), str(directory / lat.MANIFEST))
     train_parts, heldout_parts = split_parts(manifest, cfg.data.heldout_shards)
     null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(directory))
-    return LatentData(directory, manifest["shapes"], train_parts, heldout_parts, (null_tokens, null_pooled))
+    return LatentData(directory, manifest["shapes"], train_parts, heldout_parts, (null_tokens, null_pooled),
+                      lat.dataset_id(directory, manifest, train_parts))
+
+
+def preflight(cfg: Config) -> None:
+    """What can be refused before any rank starts (the launcher runs it, and every rank
+    again): model.init_from and model.lora_rank against the latents (training/init_from.py),
+    and a resume on another latent set than the checkpoint's. One ConfigError, a line per
+    problem."""
+    problems = []
+    run_dir, directory = cfg.resolved_run_dir, cfg.resolved_latent_dir
+    tag = checkpoint.latest_tag(run_dir)
+    try:
+        if tag is None:  # a resumed run's own checkpoint wins: the source is not read again
+            init_from.preflight(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    saved = checkpoint.meta(run_dir, tag).get("dataset") if tag else None
+    if saved and (directory / lat.MANIFEST).is_file():
+        manifest = lat.load_manifest(directory)
+        now = lat.dataset_id(directory, manifest, split_parts(manifest, cfg.data.heldout_shards)[0])
+        if now != saved:
+            problems.append(f"data.latent_dir: {run_dir / checkpoint.CKPT / tag} was trained on latent set {saved}; "
+                            f"{directory} holds {now} (other parts, counts or contents). Resume on the same latents, "
+                            f"or start a new run from this one (model.init_from={run_dir})")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def build_loader(cfg: Config, latents: LatentData, codec: Any, position: dict | None,
@@ -116,13 +143,23 @@ def build_loader(cfg: Config, latents: LatentData, codec: Any, position: dict | 
     return LatentLoader(latents.directory, latents.train_parts, micro_batch=micro_batch, seed=cfg.train.seed,
                         rank=dist.rank(), world_size=dist.world_size(), num_workers=cfg.data.num_workers,
                         prefetch_factor=cfg.data.prefetch_factor, scale=codec.scale, shift=codec.shift,
-                        shapes=latents.shapes, position=position)
+                        shapes=latents.shapes, position=position, dataset=latents.dataset)
 
 
-def build_model(cfg: Config, shapes: dict[str, list[int]]) -> torch.nn.Module:
+def build_model(cfg: Config, shapes: dict[str, list[int]], init: init_from.Prepared | None = None
+                ) -> torch.nn.Module:
+    """The U-Net: random (seeded), or holding the weights `init` names; then the LoRA
+    adapters (model.lora_rank), which leave only themselves trainable."""
     C, h, _ = shapes["latent"]
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    return build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
+    torch.manual_seed(cfg.train.seed)  # identical initial weights (and adapters) on every rank
+    if init is None:
+        unet = build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1])
+    else:
+        unet = init_from.load_unet(cfg.model, shapes, init.unet_dir)
+        log.info(f"step-0 weights from {init.source.describe()} (sha256 {init.weights_sha256[:12]})")
+    if cfg.model.lora_rank:
+        add_lora(unet, cfg.model)
+    return unet
 
 
 def restore(engine: eng.Engine, ema: EMA | None, run_dir: Path, plan: checkpoint.ResumePlan | None,
@@ -405,7 +442,11 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     clock.mark("encoders")
 
     # Model, engine, EMA. Under ZeRO-3 each rank averages its own partition of the weights.
-    unet = build_model(cfg, shapes)
+    # model.init_from gives the step-0 weights of a fresh run only: a checkpoint wins. The
+    # EMA is made from the engine's weights below, so it starts from the loaded ones.
+    preflight(cfg)
+    init = init_from.prepare(cfg, run_dir) if cfg.model.init_from and resume is None else None
+    unet = build_model(cfg, shapes, init)
     n_params = count_params(unet)
     engine = eng.build_engine(unet, cfg, run_dir, load_universal=bool(resume and resume.universal))
     ema = EMA(engine.ema_parameters(), cfg.ema, engine.ema_layout(), engine.gather_shard) if cfg.ema.enabled else None
@@ -420,8 +461,12 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
-    tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params,
-                            note=resume.fallback_tags() if resume else None)
+    if init is not None:
+        state.init_from = init.record()
+    # MLflow tags: a resume's fallback, or the step-0 source (path, weights hash, its MLflow
+    # run, also as the parent run).
+    note = {**(resume.fallback_tags() if resume else {}), **(init.tags() if init else {})}
+    tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params, note=note)
     clock.mark("mlflow")
     schedule = Schedule.from_config(cfg.diffusion)
     evaluator = make_evaluator(cfg, encoders, shapes, latents.heldout_parts, latents.null_text, run_dir,
