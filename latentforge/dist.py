@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 from latentforge.env import bind_gloo_interface
+from latentforge.log import get_logger
+
+log = get_logger("dist")
 
 
 def is_initialized() -> bool:
@@ -107,6 +110,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def destroy() -> None:
+    """Leave the process group (local: no collective). Called on the way out, errors
+    included, so a failure to tear down is not a second error."""
     if is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # e.g. a backend already broken by a lost peer
+            log.debug(f"destroy_process_group: {e}")
 

@@ -206,13 +206,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv = ["train"] + (["--config", args.config] if args.config else []) + \
                (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
         return spawn.spawn(argv, cfg.nproc)
+    from latentforge import dist
     from latentforge.env import apply, discover
 
     apply(discover())
     from latentforge.eval.evaluate import Evaluator
     from latentforge.training.loop import train
 
-    result = train(cfg, make_evaluator=Evaluator)
+    try:
+        result = train(cfg, make_evaluator=Evaluator)
+    finally:
+        # Leave the process group before interpreter exit, on errors too: a backend left to
+        # the C++ destructors at exit can abort the process ("terminate called without an
+        # active exception", exit 134/250) after the error line, hiding the exit code.
+        dist.destroy()
     if not result.preempted:
         return 0
     from latentforge.training.control import exit_code_for_stop

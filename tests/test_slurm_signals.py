@@ -33,26 +33,26 @@ def cluster(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactor
 def test_a_stop_signal_during_periodic_eval_checkpoints_and_requeues_within_the_delay(cluster, tiny_data) -> None:
     root, overrides = tiny_data
     delay = load_profile(find_profile("local")).signal_delay_s
-    # 128 held-out images (2 of the 4 latent parts) through a random Inception at 299 px,
-    # twice (reference, then the generated set): minutes on these CPUs.
+    # 128 held-out images (2 of the 4 latent parts) through the FID Inception at 299 px, then
+    # 128 generated ones, each sampled in 100 steps with guidance: the generated set alone
+    # is minutes on any CPU, far past the delay (the reference set alone took ~10 s on CI).
     ov = [*overrides, "run_name=eval-preempt", "data.heldout_shards=2", "train.max_steps=8", "eval.every_steps=4",
-          "eval.fid_num_images=128", "eval.fid_batch_size=2", f"eval.fid_cache_dir={root / 'fid_cache_preempt'}"]
+          "eval.fid_num_images=128", "eval.fid_batch_size=2", "eval.steps=100",
+          f"eval.fid_cache_dir={root / 'fid_cache_preempt'}"]
     sub = submit.submit_jobs("train", "local", "tiny", None, ov)
     job = sub.jobs[0].job_id
     _SUBMITTED.append(job)
     run_dir = sub.run_dir
 
-    # The periodic eval at step 4 is in its FID. Its progress line (every 10 s) shows that
-    # it would outlast the delay; now SLURM's USR2.
+    # The periodic eval at step 4 is in its FID's generated set. Its progress line (every
+    # 10 s) shows that the eval would outlast the delay; now SLURM's USR2.
     t_fid = _poll("the eval at step 4 to start its FID",
                   lambda: "FID reference statistics" in _log(run_dir, job) and time.monotonic(), 600)
     line = re.compile(r"\[eval\] FID (reference|set)[^:]*: rank 0 (\d+)/(\d+) images, .* ETA ([\d.]+) min")
     progress = _poll("a FID progress line", lambda: next(
-        (m for m in line.finditer(_log(run_dir, job)) if int(m.group(2)) < int(m.group(3))), None), 600)
-    elapsed, left = time.monotonic() - t_fid, float(progress.group(4)) * 60
-    # The generated set takes at least as long as the reference (the same images through
-    # the same Inception, plus sampling).
-    would_take = elapsed + left + ((elapsed + left) if progress.group(1) == "reference" else 0)
+        (m for m in line.finditer(_log(run_dir, job)) if m.group(1) == "set" and int(m.group(2)) < int(m.group(3))),
+        None), 600)
+    would_take = time.monotonic() - t_fid + float(progress.group(4)) * 60  # the FID so far + the set's ETA
     assert would_take > delay, f"the eval would take ~{would_take:.0f} s, not more than the {delay} s delay"
     cluster.run(["scancel", "--signal=USR2", job])
     sent = time.time()
