@@ -283,19 +283,21 @@ class Evaluator:
         """Periodic eval from the training loop: the weights to evaluate, then `evaluate`."""
         t0 = time.monotonic()
         model = self._eval_model(engine, ema)
+        periodic = step < self.cfg.train.max_steps  # the loop's final eval runs at max_steps
         metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
-                                else "raw")
+                                else "raw", fid=not (periodic and self.cfg.eval.fid_final_only))
         metrics["eval/time_s"] = time.monotonic() - t0
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int, tracker: Any, *, cfg_scale: float | None = None,
-                 heldout: bool = True, suffix: str = "", weights: str = "") -> dict[str, float]:
+                 heldout: bool = True, suffix: str = "", weights: str = "", fid: bool = True) -> dict[str, float]:
         """All metrics of `model` (a plain U-Net on this rank's device) at guidance scale
         `cfg_scale` (default eval.cfg_scale). Collective: every rank calls it. Writes the
         grid and the protocol under out_dir (`suffix` tells sweep points apart) and logs
-        them as artifacts; returns the metrics (the caller logs them)."""
+        them as artifacts; returns the metrics (the caller logs them). `fid=False` skips
+        the FID set (a periodic eval under eval.fid_final_only)."""
         cfg_scale = self.cfg.eval.cfg_scale if cfg_scale is None else float(cfg_scale)
         model.eval()
 
@@ -315,14 +317,15 @@ class Evaluator:
             protocol["heldout_loss"] = {"samples": self._heldout_total(), "buckets": self.cfg.eval.heldout_buckets}
 
         # FID and CLIP score on the FID set (CLIP falls back to the grid below).
-        clip_on_grid = self.cfg.eval.clip_score and self.fid_skip is not None
-        if self.fid_skip is None:
+        fid_skip = self.fid_skip if self.fid_skip is not None or fid else "eval.fid_final_only: a periodic eval"
+        clip_on_grid = self.cfg.eval.clip_score and fid_skip is not None
+        if fid_skip is None:
             fid_metrics, fid_protocol = self._fid_and_clip(model_fn, cfg_scale)
             metrics.update(fid_metrics)
             protocol.update(fid_protocol)
         else:
-            self._announce("eval/fid", f"eval/fid skipped: {self.fid_skip}")
-            protocol["fid"] = {"skipped": self.fid_skip}
+            self._announce(f"eval/fid {fid_skip}", f"eval/fid skipped: {fid_skip}")
+            protocol["fid"] = {"skipped": fid_skip}
         if not self.cfg.eval.clip_score:
             self._announce("eval/clip_score", "eval/clip_score skipped: eval.clip_score=false")
             protocol["clip_score"] = {"skipped": "eval.clip_score=false"}

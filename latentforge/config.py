@@ -147,6 +147,7 @@ class EvalConfig:
     use_ema: bool = True  # evaluate the EMA weights (if any)
     inception_path: str = ""  # torch-fidelity FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "" = random init, logged as eval/fid_randinit
     fid_num_images: int = 0  # generated and reference images for FID; 0 = no FID
+    fid_final_only: bool = False  # FID (and CLIP score on its set) only in a training run's final eval, not the periodic ones
     fid_batch_size: int = 64  # images per sampler batch and per Inception forward in FID/CLIP eval
     fid_cache_dir: str = ""  # reference-statistics cache; "" = run_root/fid_cache
     clip_arch: str = "ViT-B-32"  # open_clip architecture for CLIP score, or "tiny"

@@ -213,3 +213,17 @@ def test_missing_weight_file_fails_at_start_naming_the_path(tiny_eval_run, tmp_p
     assert str(missing) in err and "eval.inception_path" in err
     # Refused before any sampling or MLflow run.
     assert len(client.search_runs([exp.experiment_id])) == before
+
+
+def test_fid_final_only_skips_fid_in_periodic_evals(train_run) -> None:
+    """eval.fid_final_only: the periodic eval at step 2 skips the FID set and says why in its
+    protocol; the final eval at step 4 computes FID on the same 4 held-out captions."""
+    run_dir, log = train_run("fidfinal", "train.max_steps=4", "eval.every_steps=2", "eval.fid_num_images=4",
+                             "eval.fid_final_only=true", nproc=1)
+    p2 = json.loads((run_dir / "eval" / "protocol_step_00000002.json").read_text())
+    p4 = json.loads((run_dir / "eval" / "protocol_step_00000004.json").read_text())
+    assert p2["fid"] == {"skipped": "eval.fid_final_only: a periodic eval"}
+    assert (p4["fid"]["metric"], p4["fid"]["count"]) == ("eval/fid_randinit", 4) and p4["fid"]["value"] > 0
+    assert "eval/fid skipped: eval.fid_final_only: a periodic eval" in log
+    # CLIP score falls back to the grid when the FID set is skipped; on the FID set otherwise.
+    assert p2["clip_score"]["set"] != p4["clip_score"]["set"]
