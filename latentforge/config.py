@@ -9,6 +9,7 @@ Errors are one line that names the key: `ConfigError: train.max_steps: expected 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -90,6 +91,7 @@ class DiffusionConfig:
     offset_noise: float = 0.0  # strength of per-channel offset noise; 0 = off
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023)
     cfg_dropout: float = 0.1  # probability of replacing the caption with the empty caption
+    flow_logit_mean: float = 0.0  # flow: training tau = sigmoid(u), u ~ N(this, 1); > 0 trains noisier timesteps more (SD3 3.1)
 
 
 @dataclass
@@ -566,6 +568,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample (eps cannot recover x0 at SNR 0)")
     if d.min_snr_gamma < 0 or d.offset_noise < 0:
         raise ConfigError("diffusion.min_snr_gamma/offset_noise: must be >= 0")
+    if not math.isfinite(cfg.diffusion.flow_logit_mean) or (cfg.diffusion.flow_logit_mean
+                                                            and cfg.diffusion.objective != "flow"):
+        raise ConfigError("diffusion.flow_logit_mean: a finite number, used by objective 'flow' only")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
         raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
     if cfg.optim.decay not in ("constant", "cosine"):

@@ -166,6 +166,13 @@ def test_flow_timesteps_are_logit_normal_scaled_to_1000():
     _, ddpm = schedule(num_train_timesteps=50)
     td = D.sample_timesteps(5000, ddpm, gen(3))
     assert td.dtype == torch.long and td.min() == 0 and td.max() == 49
+    # diffusion.flow_logit_mean shifts u (towards noisier tau for a positive mean), and only u.
+    _, shifted = schedule(objective="flow", prediction="v", flow_logit_mean=1.0)
+    u1 = torch.logit(D.sample_timesteps(20000, shifted, gen(3)).double() / 1000)
+    assert abs(u1.mean().item() - 1) < 0.03 and abs(u1.std().item() - 1) < 0.03
+    for bad in ({"flow_logit_mean": 1.0}, {"objective": "flow", "prediction": "v", "flow_logit_mean": float("nan")}):
+        with pytest.raises(ConfigError, match="diffusion.flow_logit_mean"):
+            schedule(**bad)
 
 
 # --- Min-SNR ------------------------------------------------------------------------------
