@@ -1,4 +1,4 @@
-"""`latentforge demo`: the whole pipeline on the embedded defaults (tiny preset, CPU).
+"""`latentforge demo`: the whole pipeline on the embedded defaults (demo preset, CPU).
 
 synthetic shapes -> precompute (pixel codec + tiny open_clip) -> train (DeepSpeed ZeRO-2,
 2 local ranks, gloo) with periodic eval -> export -> a sample grid from the export.
@@ -13,6 +13,7 @@ from pathlib import Path
 from latentforge.log import get_logger
 
 log = get_logger("demo")
+PRESET = "demo"  # latentforge/config.py: the tiny preset's sizes, tuned for the pictures (docs/demo.md)
 
 
 def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     base = [f"run_root={run_root}", "run_name=demo", "nproc=2", *_fid_overrides(), *(overrides or [])]
-    cfg = resolve("tiny", None, base)
+    cfg = resolve(PRESET, None, base)
 
     log.info("1/4 synthetic data")
     ensure_synth(cfg)
@@ -33,7 +34,7 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
     precompute.run(cfg)
 
     log.info("3/4 train (2 local ranks, DeepSpeed ZeRO-2 on CPU)")
-    code = spawn.spawn(["train", "--preset", "tiny", *base], cfg.nproc)
+    code = spawn.spawn(["train", "--preset", PRESET, *base], cfg.nproc)
     if code != 0:
         log.error(f"training failed with exit code {code}")
         return code
@@ -65,15 +66,17 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
 
 
 def _fid_overrides() -> list[str]:
-    """Real FID on held-out images in the final eval when `make fid-weights` has stored the
-    Inception (make demo does it first); without it, eval/fid_randinit, said once."""
+    """Real FID on held-out images in the final eval only (the periodic ones skip it: a
+    minute or more each on a CPU) when `make fid-weights` has stored the Inception (make
+    demo does it first); without it, eval/fid_randinit, said once."""
     from latentforge.eval.fid import DEFAULT_WEIGHTS
 
+    fid = [f"eval.fid_num_images={DEMO_FID_IMAGES}", "eval.fid_final_only=true"]
     if not Path(DEFAULT_WEIGHTS).is_file():
         log.info(f"{DEFAULT_WEIGHTS} is absent (`make fid-weights` stores it): FID with a random Inception, "
                  f"logged as eval/fid_randinit")
-        return [f"eval.fid_num_images={DEMO_FID_IMAGES}"]
-    return [f"eval.inception_path={DEFAULT_WEIGHTS}", f"eval.fid_num_images={DEMO_FID_IMAGES}"]
+        return fid
+    return [f"eval.inception_path={DEFAULT_WEIGHTS}", *fid]
 
 
 DEMO_FID_IMAGES = 128  # held-out captions sampled for the final eval's FID (Inception at 299 px on a CPU: ~1 min)
