@@ -13,7 +13,7 @@ import torch
 
 from latentforge.config import Config
 from latentforge.data.codecs import ImageCodec
-from latentforge.data.raw import CROP_POLICY
+from latentforge.data.raw import RawConfig, extra_identity
 from latentforge.data.text import TextEncoder
 
 
@@ -24,15 +24,18 @@ class Encoders:
 
     def identity(self, cfg: Config) -> dict[str, Any]:
         """Everything that shapes the stored numbers. Latents made under another identity
-        are refused by the trainer and never mixed into one dataset."""
+        are refused by the trainer and never mixed into one dataset. Buckets, metadata
+        filters and extra captions add entries only when they are on."""
+        rcfg = RawConfig.from_data_config(cfg.data)
         return {
             "codec": self.codec.identity(),
             "text": self.text.identity(),
             "resolution": cfg.data.resolution,
-            "crop": CROP_POLICY,
+            "crop": rcfg.crop_policy,
             "storage_dtype": "fp16",
             "min_size": cfg.data.min_size,
             "max_aspect": cfg.data.max_aspect,
+            **extra_identity(rcfg),
         }
 
 

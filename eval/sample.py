@@ -11,7 +11,7 @@ from latentforge import dist
 from latentforge.data.codecs import build_codec
 from latentforge.data.text import build_text_encoder
 from latentforge.eval.images import make_grid, noise_for, to_uint8
-from latentforge.eval.sampling import sample
+from latentforge.eval.sampling import sample, sample_geometry
 from latentforge.training.diffusion import Schedule
 from latentforge.training.export import load_export
 from latentforge.training.unet import unet_forward
@@ -19,7 +19,11 @@ from latentforge.training.unet import unet_forward
 
 def sample_from_export(model_dir: str | Path, prompts: list[str], out: str | Path, n: int = 4,
                        steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
-                       seed: int = 0, use_ema: bool = True) -> Path:
+                       seed: int = 0, use_ema: bool = True, size: tuple[int, int] | None = None,
+                       crop: tuple[int, int] = (0, 0)) -> Path:
+    """A grid of `n` images per prompt at `size` (height, width) pixels (default: the run's
+    nominal size; a bucketed run lists its buckets in the export's metadata), with the
+    micro-conditioning crop `crop` (SD-XL's (0, 0) by default)."""
     device = dist.device()
     unet, cfg, meta = load_export(model_dir, use_ema, device)
     text = build_text_encoder(cfg.text, device)
@@ -29,10 +33,13 @@ def sample_from_export(model_dir: str | Path, prompts: list[str], out: str | Pat
     emb = text.encode(prompts)
     idx = torch.arange(len(prompts)).repeat_interleave(n)
     C, h, w = meta["shapes"]["latent"]
+    (C, h, w), ids = sample_geometry(C, codec.downsample, size or (h * codec.downsample, w * codec.downsample), crop)
     x_T = torch.stack([noise_for(seed, i, j, (C, h, w)) for i in range(len(prompts)) for j in range(n)]).to(device)
-    cond = {"text": emb.tokens.float()[idx].to(device), "pooled": emb.pooled.float()[idx].to(device)}
+    time_ids = torch.tensor([ids] * len(idx), device=device)  # (N, 6), the same for the unconditional half
+    cond = {"text": emb.tokens.float()[idx].to(device), "pooled": emb.pooled.float()[idx].to(device),
+            "time_ids": time_ids}
     uncond = {"text": null_tokens.expand(len(idx), -1, -1).to(device),
-              "pooled": null_pooled.expand(len(idx), -1).to(device)}
+              "pooled": null_pooled.expand(len(idx), -1).to(device), "time_ids": time_ids}
     with torch.no_grad():
         z = sample(lambda x, t, c: unet_forward(unet, x, t, c), (len(idx), C, h, w), cond, uncond,
                    schedule=Schedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,

@@ -31,6 +31,17 @@ class SynthConfig:
     samples_per_shard: int = 256  # images per raw shard
     image_size: int = 64  # side of the rendered square images, pixels
     seed: int = 0  # the dataset is a pure function of this seed
+    max_aspect: float = 1.0  # images get a random long/short side ratio up to this (area about image_size**2); 1 = square
+    captions: int = 1  # captions per image: 2 adds a rephrased caption (KEY.json "captions" holds both)
+    metadata: bool = False  # KEY.json gets filterable fields: original_width/height, aesthetic, pwatermark, punsafe
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""  # names the source in metrics (train/samples_seen/<name>); unique
+    raw_shards: str = ""  # its raw WebDataset shards (as data.raw_shards)
+    latent_dir: str = ""  # where its latents go; "" = <data.latent_dir or run_root/latents>/<name>
+    weight: float = 1.0  # its share of every epoch's samples, relative to the other sources' weights
 
 
 @dataclass
@@ -47,6 +58,21 @@ class DataConfig:
     heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
     num_workers: int = 1  # DataLoader workers per rank for latent shards
     prefetch_factor: int = 4  # batches prefetched per worker
+    bucket_max_ratio: float = 1.0  # aspect-ratio buckets up to this long/short side ratio; 1 = square only (centre crop at data.resolution)
+    bucket_area: int = 0  # pixels per bucket (width * height at most this); 0 = data.resolution ** 2
+    bucket_multiple: int = 64  # bucket sides are multiples of this many pixels (codec downsample x 2 ** (U-Net levels - 1) at least)
+    caption_fields: tuple[str, ...] = ()  # extra captions: KEY.json fields (a string or a list of strings) or tar member extensions
+    max_captions: int = 4  # most captions encoded per image, the .txt caption first
+    caption_weights: tuple[float, ...] = ()  # loader: relative weight of caption 0 (.txt), 1, 2, ...; () = uniform over a sample's captions
+    filter_min_original_side: int = 0  # reject when the original image's shorter side (json/parquet) is below this; 0 = off
+    filter_max_original_side: int = 0  # reject when the original image's longer side is above this; 0 = off
+    filter_min_aesthetic: float = 0.0  # reject an aesthetic score below this; 0 = off
+    filter_max_watermark: float = 1.0  # reject a watermark probability above this; 1 = off
+    filter_max_unsafe: float = 1.0  # reject an unsafe (NSFW) probability above this; 1 = off
+    filter_min_caption_words: int = 0  # reject captions with fewer words; 0 = off
+    filter_max_caption_words: int = 0  # reject captions with more words; 0 = off
+    sources: tuple[SourceConfig, ...] = ()  # weighted mixing of several sources; () = data.raw_shards alone
+    epoch_samples: int = 0  # with sources: samples per epoch, all sources together; 0 = their sizes summed
 
 
 @dataclass
@@ -78,6 +104,8 @@ class ModelConfig:
     transformer_layers_per_block: int = 1  # transformer blocks inside each cross-attention block
     linear_projection: bool = True  # SD-2 style linear (not 1x1 conv) projections in transformers
     pooled_text_conditioning: bool = False  # also add the pooled text embedding to the time embedding
+    micro_conditioning: bool = False  # SD-XL size/crop conditioning + pooled text through the added time embedding ("text_time")
+    micro_conditioning_dim: int = 256  # sinusoidal features per micro-conditioning number (diffusers addition_time_embed_dim)
 
 
 @dataclass
@@ -154,6 +182,8 @@ class EvalConfig:
     clip_pretrained: str = ""  # local open_clip weights file or "local-dir:DIR"; "" = random init, logged as eval/clip_score_randinit
     clip_score: bool = True  # CLIP score of the generated images (FID set if any, else the grid); false = skip
     cfg_sweep: tuple[float, ...] = ()  # stand-alone eval: CFG scales to sweep (plus eval.cfg_scale); () = only eval.cfg_scale
+    sample_size: tuple[int, int] = (0, 0)  # (height, width) of grid samples in pixels; (0, 0) = data.resolution square
+    sample_crop: tuple[int, int] = (0, 0)  # micro-conditioning crop (top, left) when sampling
 
 
 @dataclass
@@ -238,7 +268,7 @@ def tiny() -> Config:
     The linear schedule (DDPM's) with zero terminal SNR suits pixel-range data."""
     return Config(
         preset="tiny",
-        data=DataConfig(resolution=32, latent_samples_per_shard=512, heldout_shards=1),
+        data=DataConfig(resolution=32, latent_samples_per_shard=512, heldout_shards=1, bucket_multiple=8),
         codec=CodecConfig(kind="pixel", patch=4),
         text=TextConfig(model="tiny"),
         model=ModelConfig(
@@ -557,6 +587,76 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.sampler: expected ddim, dpm++ or euler, got {cfg.eval.sampler!r}")
     if cfg.nproc < 1:
         raise ConfigError(f"nproc: must be >= 1, got {cfg.nproc}")
+    _validate_data(cfg)
+    m = cfg.model
+    if m.micro_conditioning and m.pooled_text_conditioning:
+        raise ConfigError("model.pooled_text_conditioning: model.micro_conditioning already feeds the pooled text "
+                          "embedding through the added time embedding; set one of them")
+    if m.micro_conditioning_dim < 2 or m.micro_conditioning_dim % 2:
+        raise ConfigError(f"model.micro_conditioning_dim: must be an even number >= 2, got {m.micro_conditioning_dim}")
+    size, crop = cfg.eval.sample_size, cfg.eval.sample_crop
+    if (size[0] > 0) != (size[1] > 0) or min(size) < 0:
+        raise ConfigError(f"eval.sample_size: expected (height, width) both > 0, or (0, 0), got {list(size)}")
+    if min(crop) < 0:
+        raise ConfigError(f"eval.sample_crop: expected (top, left) >= 0, got {list(crop)}")
+    if cfg.synth.max_aspect < 1:
+        raise ConfigError(f"synth.max_aspect: must be >= 1 (1 = square), got {cfg.synth.max_aspect}")
+    if cfg.synth.captions not in (1, 2):
+        raise ConfigError(f"synth.captions: expected 1 or 2, got {cfg.synth.captions}")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Buckets, captions, filters and sources."""
+    d = cfg.data
+    if d.bucket_max_ratio < 1:
+        raise ConfigError(f"data.bucket_max_ratio: must be >= 1 (1 = square only), got {d.bucket_max_ratio}")
+    if d.bucket_area < 0:
+        raise ConfigError(f"data.bucket_area: must be >= 0 (0 = data.resolution ** 2), got {d.bucket_area}")
+    if d.bucket_multiple < 1:
+        raise ConfigError(f"data.bucket_multiple: must be >= 1, got {d.bucket_multiple}")
+    if d.bucket_max_ratio > 1:
+        area = d.bucket_area or d.resolution ** 2
+        if area < d.bucket_multiple ** 2:
+            raise ConfigError(f"data.bucket_area: {area} pixels hold no bucket of sides that are multiples of "
+                              f"data.bucket_multiple {d.bucket_multiple}")
+        levels = 2 ** (len(cfg.model.block_out_channels) - 1)
+        if cfg.codec.kind == "pixel" and d.bucket_multiple % (cfg.codec.patch * levels):
+            raise ConfigError(f"data.bucket_multiple: {d.bucket_multiple} is not a multiple of codec.patch x 2 ** "
+                              f"(U-Net levels - 1) = {cfg.codec.patch * levels}, so some bucket's latents would not "
+                              f"fit the U-Net")
+    if d.max_captions < 1:
+        raise ConfigError(f"data.max_captions: must be >= 1, got {d.max_captions}")
+    if any(w < 0 for w in d.caption_weights) or (d.caption_weights and not sum(d.caption_weights) > 0):
+        raise ConfigError(f"data.caption_weights: expected weights >= 0, not all 0, got {list(d.caption_weights)}")
+    if any(not f or "/" in f for f in d.caption_fields):
+        raise ConfigError(f"data.caption_fields: expected json field names or member extensions, got "
+                          f"{list(d.caption_fields)}")
+    for key in ("filter_min_original_side", "filter_max_original_side", "filter_min_caption_words",
+                "filter_max_caption_words"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: must be >= 0 (0 = off), got {getattr(d, key)}")
+    for key in ("filter_max_watermark", "filter_max_unsafe"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key}: expected a probability in [0, 1] (1 = off), got {getattr(d, key)}")
+    if d.filter_min_aesthetic < 0:
+        raise ConfigError(f"data.filter_min_aesthetic: must be >= 0 (0 = off), got {d.filter_min_aesthetic}")
+    if 0 < d.filter_max_original_side < d.filter_min_original_side:
+        raise ConfigError("data.filter_max_original_side: below data.filter_min_original_side")
+    if 0 < d.filter_max_caption_words < d.filter_min_caption_words:
+        raise ConfigError("data.filter_max_caption_words: below data.filter_min_caption_words")
+    if d.epoch_samples < 0:
+        raise ConfigError(f"data.epoch_samples: must be >= 0 (0 = the sources' sizes summed), got {d.epoch_samples}")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
+            raise ConfigError(f"data.sources[{i}].name: expected a non-empty name of letters, digits, '-', '_' "
+                              f"or '.', got {s.name!r}")
+        if names.count(s.name) > 1:
+            raise ConfigError(f"data.sources[{i}].name: {s.name!r} names two sources")
+        if not s.raw_shards:
+            raise ConfigError(f"data.sources[{i}].raw_shards: empty (every source needs its raw shards)")
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {s.weight}")
 
 
 def save(cfg: Config, path: str | os.PathLike) -> None:

@@ -6,7 +6,9 @@
       config.yaml        the run's resolved config
       null_text.npz      the empty caption's embedding (the unconditional input for CFG)
       latentforge.json   what a sampler needs besides the U-Net: text encoder, codec, scale,
-                         shift, diffusion settings, and where the weights came from
+                         shift, diffusion settings, the sizes it was trained at (buckets),
+                         whether it takes SD-XL's size/crop micro-conditioning, and where the
+                         weights came from
 
 The consolidation reads DeepSpeed's sharded files directly (zero_to_fp32), so export
 runs in one process with no process group, from any ZeRO stage.
@@ -64,6 +66,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
         "mlflow_run_id": state.mlflow_run_id,
         "ema": has_ema,
         "shapes": state.shapes,
+        "resolution": cfg.data.resolution,  # the nominal (height = width) size of a square run
+        "buckets": state.buckets,  # [{"size": [H, W], "latent": [C, h, w], "count"}]; [] = square only
+        "micro_conditioning": cfg.model.micro_conditioning,  # time_ids (orig h, w, crop top, left, target h, w)
         "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
         "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
         "scale": state.scale,

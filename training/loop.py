@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from latentforge import dist
 from latentforge.config import AbortError, Config
 from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders
-from latentforge.data.loader import LatentLoader, split_parts
+from latentforge.data.loader import LatentLoader
+from latentforge.data.sources import open_dataset
 from latentforge.log import Progress, get_logger
 from latentforge.training import checkpoint
 from latentforge.training import engine as eng
@@ -94,20 +95,20 @@ class LatentData:
     """The latent dataset as the loop sees it: checked against the encoders, split."""
 
     directory: Path
-    shapes: dict[str, list[int]]  # {"latent": [C, h, w], "text": [L, D], "pooled": [P]}
+    shapes: dict[str, list[int]]  # {"latent": [C, h, w] (the nominal bucket's), "text": [L, D], "pooled": [P]}
     train_parts: list[dict]
     heldout_parts: list[dict]
     null_text: tuple[torch.Tensor, torch.Tensor]  # (L, D), (P,): the empty caption's embedding
+    sources: list[dict[str, Any]]  # [{"name", "weight"}] (data/sources.py)
+    buckets: list[dict[str, Any]]  # [{"size": [H, W], "latent": [C, h, w], "count"}]; [] = square only
 
 
 def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
-    """The manifest, refused when its identity differs from the encoders' (one line)."""
-    directory = cfg.resolved_latent_dir
-    manifest = lat.load_manifest(directory)
-    lat.check_identity(manifest, encoders.identity(cfg), str(directory / lat.MANIFEST))
-    train_parts, heldout_parts = split_parts(manifest, cfg.data.heldout_shards)
-    null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(directory))
-    return LatentData(directory, manifest["shapes"], train_parts, heldout_parts, (null_tokens, null_pooled))
+    """Every source's manifest, refused when its identity differs from the encoders' (one line)."""
+    ds = open_dataset(cfg, encoders.identity(cfg))
+    null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(ds.directory))
+    return LatentData(ds.directory, ds.shapes, ds.train_parts, ds.heldout_parts, (null_tokens, null_pooled),
+                      ds.loader_sources(), ds.buckets)
 
 
 def build_loader(cfg: Config, latents: LatentData, codec: Any, position: dict | None,
@@ -116,7 +117,9 @@ def build_loader(cfg: Config, latents: LatentData, codec: Any, position: dict | 
     return LatentLoader(latents.directory, latents.train_parts, micro_batch=micro_batch, seed=cfg.train.seed,
                         rank=dist.rank(), world_size=dist.world_size(), num_workers=cfg.data.num_workers,
                         prefetch_factor=cfg.data.prefetch_factor, scale=codec.scale, shift=codec.shift,
-                        shapes=latents.shapes, position=position)
+                        shapes=latents.shapes, position=position, sources=latents.sources,
+                        epoch_samples=cfg.data.epoch_samples, caption_weights=cfg.data.caption_weights,
+                        default_size=(cfg.data.resolution, cfg.data.resolution))
 
 
 def build_model(cfg: Config, shapes: dict[str, list[int]]) -> torch.nn.Module:
@@ -172,10 +175,12 @@ class StepOutcome:
     skipped: bool  # a non-finite loss or gradient: the update was a no-op on every rank
     overflowed: bool  # fp16: DeepSpeed dropped the step while finding its loss scale
     wait_s: float  # time spent waiting for the loader
+    by_source: torch.Tensor | None = None  # (S,) float64 real samples per source, with `part_source`
 
 
 def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: Config, schedule: Schedule,
-                   null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int) -> StepOutcome:
+                   null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int,
+                   part_source: torch.Tensor | None = None) -> StepOutcome:
     """Forward and backward over the micro-batches of one optimizer step, then the step.
 
     A non-finite loss on any rank in any micro-batch skips the whole step: the ranks agree
@@ -188,10 +193,13 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
     null_tokens, null_pooled = (t.to(device) for t in null_text)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return unet_forward(engine, x.to(engine.dtype), t, {k: v.to(engine.dtype) for k, v in cond.items()})
+        # Size/crop numbers (up to thousands) stay f32: bf16 would round them.
+        return unet_forward(engine, x.to(engine.dtype), t,
+                            {k: v if k == "time_ids" else v.to(engine.dtype) for k, v in cond.items()})
 
     local_bad, skip, applied = False, False, False
     loss_sum, samples, wait = 0.0, 0.0, 0.0
+    by_source = None if part_source is None else torch.zeros(int(part_source.max()) + 1, dtype=torch.float64)
     for micro in range(accum):
         t_wait = time.perf_counter()
         batch = next(batches)
@@ -203,8 +211,8 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
         text, pooled, _ = cfg_drop(batch["text"].to(device), null_tokens, cfg.diffusion.cfg_dropout, gen,
                                    pooled=batch["pooled"].to(device), null_pooled=null_pooled)
         mask = batch["mask"].to(device)  # (B,) 0 for padding
-        loss = loss_fn(model_fn, x0, {"text": text, "pooled": pooled}, cfg.diffusion, schedule, gen,
-                       mask=mask)["loss"]
+        cond = {"text": text, "pooled": pooled, "time_ids": batch["time_ids"].to(device)}
+        loss = loss_fn(model_fn, x0, cond, cfg.diffusion, schedule, gen, mask=mask)["loss"]
         finite = bool(torch.isfinite(loss))
         local_bad |= not finite
         skip = dist.any_rank(local_bad) if micro == accum - 1 else False
@@ -212,10 +220,13 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
         applied = engine.step(skip=skip)
         loss_sum += float(loss.detach()) / accum if finite else 0.0
         samples += float(mask.sum())
+        if by_source is not None:
+            real = batch["mask"] > 0
+            by_source += torch.bincount(part_source[batch["part"][real]], minlength=len(by_source)).double()
     fp16 = engine.dtype == torch.float16
     return StepOutcome(loss=loss_sum, samples=samples, applied=applied,
                        skipped=skip or (not applied and not fp16), overflowed=not skip and not applied and fp16,
-                       wait_s=wait)
+                       wait_s=wait, by_source=by_source)
 
 
 @dataclass
@@ -239,12 +250,28 @@ def checkpoint_due(cfg: Config, step: int, run_dir: Path, last_save: float) -> C
     return CheckpointDecision(every or timed or stop or asked or step == cfg.train.max_steps, stop, asked)
 
 
+class Synced(NamedTuple):
+    total: int  # samples all ranks consumed since the last sync
+    by_source: list[int]  # the same per source (empty without data.sources)
+
+
+def count_samples(state: TrainState, synced: Synced, names: list[str]) -> dict[str, float]:
+    """Add `synced` to the state's counts; return train/samples_seen and, with named
+    sources, train/samples_seen/<source> (the totals since the run began)."""
+    state.samples_seen += synced.total
+    for name, n in zip(names, synced.by_source):
+        state.samples_by_source[name] = state.samples_by_source.get(name, 0) + n
+    return {"train/samples_seen": float(state.samples_seen),
+            **{f"train/samples_seen/{k}": float(v) for k, v in state.samples_by_source.items()}}
+
+
 class Meter:
     """The train/* metrics of one logging window; this rank's share until `reduce()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_sources: int = 0) -> None:
         self.loss, self.n_loss, self.samples, self.wait = 0.0, 0, 0.0, 0.0
         self.unsynced = 0.0  # samples not yet added to samples_seen (summed over ranks at log/checkpoint)
+        self.by_source = torch.zeros(num_sources, dtype=torch.float64)  # unsynced too, per source
         self.t0 = time.perf_counter()
 
     def add(self, out: StepOutcome) -> None:
@@ -254,18 +281,23 @@ class Meter:
         self.samples += out.samples
         self.unsynced += out.samples
         self.wait += out.wait_s
+        if out.by_source is not None:
+            self.by_source += out.by_source
 
-    def sync_samples(self) -> int:
-        """Samples every rank consumed since the last sync (collective)."""
-        n = int(dist.all_reduce_sum(torch.tensor([self.unsynced], dtype=torch.float64, device=dist.device())).item())
+    def sync_samples(self) -> Synced:
+        """Samples every rank consumed since the last sync, in all and per source (collective)."""
+        v = dist.all_reduce_sum(torch.cat([torch.tensor([self.unsynced], dtype=torch.float64), self.by_source])
+                                .to(dist.device())).tolist()
         self.unsynced = 0.0
-        return n
+        self.by_source.zero_()
+        return Synced(int(v[0]), [int(x) for x in v[1:]])
 
-    def reduce(self) -> tuple[dict[str, float], int]:
+    def reduce(self) -> tuple[dict[str, float], Synced]:
         """(window metrics, samples since the last sync) over all ranks (collective); resets."""
         world = dist.world_size()
-        s = dist.all_reduce_sum(torch.tensor([self.loss, self.samples, self.wait, self.unsynced],
-                                             dtype=torch.float64, device=dist.device())).tolist()
+        s = dist.all_reduce_sum(torch.cat([torch.tensor([self.loss, self.samples, self.wait, self.unsynced],
+                                                        dtype=torch.float64), self.by_source]).to(dist.device())
+                                ).tolist()
         elapsed = time.perf_counter() - self.t0
         metrics = {
             # Mean over ranks and over the window's applied steps (skipped ones have no loss).
@@ -273,8 +305,8 @@ class Meter:
             "train/samples_per_s": s[1] / elapsed,
             "train/data_wait_frac": s[2] / world / elapsed,
         }
-        self.__init__()
-        return metrics, int(s[3])
+        self.__init__(len(self.by_source))
+        return metrics, Synced(int(s[3]), [int(x) for x in s[4:]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +342,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state = restore(engine, ema, run_dir, resume, world, cfg)
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
     # What export and stand-alone eval need without the latent directory.
-    state.shapes, state.identity = shapes, encoders.identity(cfg)
+    state.shapes, state.identity, state.buckets = shapes, encoders.identity(cfg), latents.buckets
     state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
@@ -321,8 +353,11 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
 
     log.info(f"{n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
+    # Samples per source (train/samples_seen/<name>) when the run mixes named sources.
+    names = [s["name"] for s in latents.sources] if cfg.data.sources else []
+    part_source = torch.tensor(data.part_source) if names else None
     batches = iter(data)
-    meter, progress = Meter(), Progress(cfg.train.max_steps, start=state.step)
+    meter, progress = Meter(len(names)), Progress(cfg.train.max_steps, start=state.step)
     last_save, nonfinite_run, overflow_total = time.monotonic(), 0, 0
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
@@ -331,7 +366,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
         while state.step < cfg.train.max_steps:
             watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, state.step))
-            out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
+            out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum, part_source)
             meter.add(out)
             overflow_total += int(out.overflowed)
 
@@ -353,9 +388,9 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             # Log.
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics, synced = meter.reduce()
-                state.samples_seen += synced
+                metrics.update(count_samples(state, synced, names))
                 metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
-                                "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
+                                "train/epoch": float(data.epoch), "train/padding_frac": data.padding_fraction,
                                 "train/nonfinite_steps": float(state.nonfinite_total)})
                 if engine.dtype == torch.float16:
                     metrics["train/overflow_steps"] = float(overflow_total)
@@ -367,7 +402,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             # Checkpoint.
             decision = checkpoint_due(cfg, state.step, run_dir, last_save)
             if decision.save:
-                state.samples_seen += meter.sync_samples()
+                count_samples(state, meter.sync_samples(), names)
                 state.loader, state.ema, state.mlflow_run_id = (
                     data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
                 watchdog.beat()  # a save's own barriers are bounded by the same timeout

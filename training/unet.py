@@ -1,7 +1,15 @@
 """U-Net construction: a diffusers `UNet2DConditionModel` from `ModelConfig`.
 
 The latent shape and the text width come from the latent manifest, not the config, so
-the model always matches the data it trains on.
+the model always matches the data it trains on. With buckets the latent shape is the
+nominal bucket's (the U-Net's `sample_size`); the network itself takes any size.
+
+Micro-conditioning (model.micro_conditioning) is SD-XL's (Podell et al. 2023, sec. 2.2):
+six numbers per sample, (orig h, orig w, crop top, crop left, target h, target w), each
+through a sinusoidal embedding of model.micro_conditioning_dim features, concatenated with
+the pooled text embedding and added to the time embedding: diffusers'
+`addition_embed_type="text_time"`, fed with `added_cond_kwargs={"text_embeds": pooled,
+"time_ids": ...}` (`projection_class_embeddings_input_dim` = pooled + 6 x dim).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from typing import Any
 import torch
 
 from latentforge.config import ModelConfig
+
+MICRO_CONDITIONS = 6  # original (h, w), crop (top, left), target (h, w)
 
 
 def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_dim: int,
@@ -32,6 +42,9 @@ def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_d
         transformer_layers_per_block=cfg.transformer_layers_per_block,
         use_linear_projection=cfg.linear_projection,
     )
+    if cfg.micro_conditioning:
+        kw.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.micro_conditioning_dim,
+                  projection_class_embeddings_input_dim=pooled_dim + MICRO_CONDITIONS * cfg.micro_conditioning_dim)
     if cfg.pooled_text_conditioning:
         # Pooled text embedding added to the time embedding (a "projection" class embedding).
         kw.update(class_embed_type="projection", projection_class_embeddings_input_dim=pooled_dim)
@@ -61,10 +74,16 @@ def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: d
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
     """The one call signature everything uses: x (N, C, h, w), t (N,), cond {"text": (N, L, D),
-    "pooled": (N, P)} -> prediction (N, C, h, w)."""
-    kwargs = {}
-    if getattr(unet, "config", None) is not None and unet.config.class_embed_type == "projection":
+    "pooled": (N, P), "time_ids": (N, 6) with micro-conditioning} -> prediction (N, C, h, w)."""
+    kwargs: dict[str, Any] = {}
+    # A plain diffusers model has .config; the training engine wraps it as .module.
+    config = getattr(unet, "config", None) or getattr(getattr(unet, "module", None), "config", None)
+    if config is not None and config.class_embed_type == "projection":
         kwargs["class_labels"] = cond["pooled"]
+    if config is not None and config.addition_embed_type == "text_time":
+        if "time_ids" not in cond:
+            raise ValueError("cond: a micro-conditioned U-Net needs time_ids (N, 6): original size, crop, target size")
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
     return unet(x, t, encoder_hidden_states=cond["text"], return_dict=False, **kwargs)[0]
 
 
