@@ -33,7 +33,8 @@ def sample_from_export(model_dir: str | Path, prompts: list[str], out: str | Pat
     emb = text.encode(prompts)
     idx = torch.arange(len(prompts)).repeat_interleave(n)
     C, h, w = meta["shapes"]["latent"]
-    (C, h, w), ids = sample_geometry(C, codec.downsample, size or (h * codec.downsample, w * codec.downsample), crop)
+    (C, h, w), ids = sample_geometry(C, codec.downsample, size or (h * codec.downsample, w * codec.downsample), crop,
+                                     key="--size")
     x_T = torch.stack([noise_for(seed, i, j, (C, h, w)) for i in range(len(prompts)) for j in range(n)]).to(device)
     time_ids = torch.tensor([ids] * len(idx), device=device)  # (N, 6), the same for the unconditional half
     cond = {"text": emb.tokens.float()[idx].to(device), "pooled": emb.pooled.float()[idx].to(device),
