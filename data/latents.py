@@ -519,11 +519,14 @@ def check_identity(manifest: dict[str, Any], expected: dict[str, Any], where: st
 
 
 def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shapes: dict[str, list[int]],
-                         seed: int = 0, with_std: bool = True,
-                         identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                         seed: int = 0, with_std: bool = True, identity: dict[str, Any] | None = None,
+                         part_latents: list[list[int]] | None = None, captions: int = 1) -> dict[str, Any]:
     """Parts `r{i:05d}-000.tar` holding counts[i] samples of random fp16 arrays with the
     given shapes ({"latent": [C, h, w], "text": [L, D], "pooled": [P]}), their per-shard
-    manifests, the dataset manifest and a null text. Returns the manifest."""
+    manifests, the dataset manifest and a null text. Returns the manifest.
+
+    `part_latents[i]`: part i's latent shape instead (a bucketed dataset: its parts carry
+    "latent" and "size" = 8 x (h, w)); `captions`: captions per sample (1 + extra ones)."""
     d = Path(latent_dir)
     (d / SHARDS).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -532,19 +535,30 @@ def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shape
     L = shapes["text"][0]
     for i, n in enumerate(counts):
         name = f"r{i:05d}"
+        latent = part_latents[i] if part_latents is not None else shapes["latent"]
         parts = []
         if n:
             w = TarWriter(d / SHARDS / part_name(name, 0))
             for j in range(n):
                 key = f"{name}_{j:06d}"
-                mean = rng.standard_normal(shapes["latent"]).astype(np.float16)
-                std = (rng.random(shapes["latent"]) * 0.1 + 0.01).astype(np.float16) if with_std else None
+                mean = rng.standard_normal(latent).astype(np.float16)
+                std = (rng.random(latent) * 0.1 + 0.01).astype(np.float16) if with_std else None
                 text = rng.standard_normal(shapes["text"]).astype(np.float16)
                 pooled = rng.standard_normal(shapes["pooled"]).astype(np.float16)
-                meta = {"text_len": int(rng.integers(2, L + 1))}
-                w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta))
+                meta: dict[str, Any] = {"text_len": int(rng.integers(2, L + 1)), "orig_width": int(rng.integers(8, 999)),
+                                        "orig_height": int(rng.integers(8, 999)), "crop_top": int(rng.integers(0, 9)),
+                                        "crop_left": int(rng.integers(0, 9))}
+                if part_latents is not None:
+                    meta.update(target_height=8 * latent[1], target_width=8 * latent[2])
+                extra = [(f"caption {key} #{c}", rng.standard_normal(shapes["text"]).astype(np.float16),
+                          rng.standard_normal(shapes["pooled"]).astype(np.float16), int(rng.integers(2, L + 1)))
+                         for c in range(1, captions)]
+                w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta, extra))
             w.close()
-            parts.append({"file": w.path.name, "count": n, "sha256": w.sha256})
+            part: dict[str, Any] = {"file": w.path.name, "count": n, "sha256": w.sha256}
+            if part_latents is not None:
+                part.update(size=[8 * latent[1], 8 * latent[2]], latent=list(latent))
+            parts.append(part)
         write_json(shard_manifest_path(d, name), {
             "name": name, "raw_shard": name, "identity_hash": ih, "parts": parts, "seen": n, "written": n,
             "rejected": {}, "rejections": [], "errors": [], "notes": [], "shapes": shapes})

@@ -651,7 +651,7 @@ def _validate_data(cfg: Config) -> None:
         if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
             raise ConfigError(f"data.sources[{i}].name: expected a non-empty name of letters, digits, '-', '_' "
                               f"or '.', got {s.name!r}")
-        if names.count(s.name) > 1:
+        if s.name in names[:i]:
             raise ConfigError(f"data.sources[{i}].name: {s.name!r} names two sources")
         if not s.raw_shards:
             raise ConfigError(f"data.sources[{i}].raw_shards: empty (every source needs its raw shards)")
