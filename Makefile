@@ -4,6 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS="--run-root runs/buckets synth.max_aspect=2 data.bucket_max_ratio=2 model.micro_conditioning=true"
+DEMO_ARGS ?=
 
 .PHONY: venv demo test test-fast slurm-up slurm-down bench clean
 
@@ -11,7 +13,7 @@ venv:
 	@bash scripts/bootstrap.sh
 
 demo: venv
-	$(PY) -m latentforge.launch.cli demo
+	$(PY) -m latentforge.launch.cli demo $(DEMO_ARGS)
 
 test: venv
 	@bash slurm/local/cluster.sh up >/dev/null 2>&1 || echo "[make test] the local SLURM cluster did not start; SLURM tests will say why they skip"

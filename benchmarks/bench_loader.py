@@ -13,8 +13,17 @@ warm page cache:
   loader          LatentLoader, one rank, W DataLoader workers, micro-batch B, one epoch,
                   counting from iter() (worker start-up included) to the last batch:
                   samples come out as f32 tensors with latents finalised (mean + std*eps)
+  buckets         the same samples written as a bucketed dataset (--buckets shapes of about
+                  the same latent area, each part one bucket, two captions a sample), read
+                  by the same loader with `--workers`' last count; measured alternately with
+                  the square dataset, best of N each: the ratio is the figure
+  padding         masked rows / all rows of one epoch's deal, from the loader's own plan (no
+                  files): --pad-parts parts of ~--pad-per-part samples in --buckets buckets
+                  and 3 weighted sources, micro-batch 2 (sd2-base-256's 2,048 global batch
+                  on 1,024 ranks), at several world sizes with 4 workers per rank
 
-Goal (issue 3): loader >= 50% of the raw read rate.
+Goals: loader >= 50% of the raw read rate (issue 3); buckets >= 90% of square only and
+padding <= 2% at 1,024 ranks (issue 14).
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ def loader_epoch(d: Path, manifest: dict, workers: int, batch: int, prefetch: in
     """(wall seconds for one epoch, CPU seconds, real samples, seconds until the first batch)."""
     loader = LatentLoader(d, manifest["parts"], micro_batch=batch, seed=0, rank=0, world_size=1,
                           num_workers=workers, prefetch_factor=prefetch, scale=0.18215, shift=0.0,
-                          shapes=manifest["shapes"])
+                          shapes=manifest["shapes"], caption_weights=(1.0, 1.0), default_size=(256, 256))
     steps = loader.steps_remaining
     n = 0
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -91,6 +100,39 @@ def loader_epoch(d: Path, manifest: dict, workers: int, batch: int, prefetch: in
     return wall, cpu_seconds() - c0, n, first or 0.0
 
 
+def bucket_shapes(square: list[int], n: int) -> list[list[int]]:
+    """`n` latent shapes of about the area of `square` [C, h, w]: the square one first, then
+    pairs of a wide and a tall one."""
+    C, h, _ = square
+    out = [[C, h, h]]
+    for k in range(1, n):
+        a = h + 4 * ((k + 1) // 2)  # the long side grows, the short one shrinks to keep the area
+        wide = [C, max(1, h * h // a), a]
+        out.append(wide if k % 2 else [C, wide[2], wide[1]])
+    return out[:n]
+
+
+def padding_table(parts: int, per_part: int, shapes: list[list[int]], as_json: bool) -> None:
+    """Padding of one epoch's deal at several world sizes (planning only, no files)."""
+    import numpy as np
+
+    from latentforge.data.loader import Layout
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(per_part // 2, per_part * 3 // 2, size=parts)
+    part_list = [{"file": "x", "count": int(c), "source": int(i % 3), "latent": shapes[int(rng.integers(len(shapes)))]}
+                 for i, c in enumerate(counts)]
+    total = int(counts.sum())
+    rep = Report(f"padding per epoch (masked rows / all rows): {total:,} samples in {parts:,} parts, "
+                 f"{len(shapes)} buckets, 3 sources weighted 2:1:1, micro-batch 2, 4 workers per rank")
+    for world in (1, 8, 64, 1024):
+        lo = LatentLoader("/nonexistent", part_list, micro_batch=2, seed=0, rank=0, world_size=world, num_workers=4,
+                          shapes={"latent": shapes[0], "text": [77, 1024], "pooled": [1024]},
+                          sources=[{"name": n, "weight": w} for n, w in (("a", 2.0), ("b", 1.0), ("c", 1.0))])
+        rep.add(f"{world} ranks", 100 * lo.padding_fraction, "%", fmt="{:.3f}")
+    rep.print(as_json)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2048)
@@ -101,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="best of N for every figure")
     ap.add_argument("--dir", default=None, help="where to write the dataset (default: a temporary directory)")
+    ap.add_argument("--buckets", type=int, default=5, help="bucket shapes of the bucketed dataset (0: skip)")
+    ap.add_argument("--pad-parts", type=int, default=10000, help="padding simulation: parts")
+    ap.add_argument("--pad-per-part", type=int, default=500, help="padding simulation: mean samples per part")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -137,7 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"loader, {w} workers / tarfile iteration", n / t * t_tar / n, "", fmt="{:.0%}")
         rep.add(f"loader, {w} workers, CPU time (all processes)", min(r[1] for r in runs) / n * 1e6, "us/sample")
         rep.add(f"loader, {w} workers, first batch after", first * 1e3, "ms")
+    if args.buckets:
+        w = int(args.workers.split(",")[-1])
+        bshapes = bucket_shapes(shapes["latent"], args.buckets)
+        b = tmp / "latents-buckets"
+        bm = lat.write_random_dataset(b, counts, shapes, seed=0, captions=2,
+                                      part_latents=[bshapes[i % len(bshapes)] for i in range(len(counts))])
+        square, bucketed = [], []
+        for _ in range(args.repeats):  # alternately, so both see the same machine load
+            square.append(loader_epoch(d, manifest, w, args.batch, args.prefetch)[0])
+            bucketed.append(loader_epoch(b, bm, w, args.batch, args.prefetch)[0])
+        rep.add(f"loader with {len(bshapes)} buckets, 2 captions, {w} workers", n / min(bucketed), "samples/s")
+        rep.add(f"loader with buckets / square only ({w} workers, best of {args.repeats} each)",
+                min(square) / min(bucketed), "", fmt="{:.0%}")
     rep.print(args.json)
+    if args.buckets and args.pad_parts:
+        padding_table(args.pad_parts, args.pad_per_part, bucket_shapes(shapes["latent"], args.buckets), args.json)
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -322,8 +322,9 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
 
 def ensure_synth(cfg: Config) -> None:
     """The embedded default dataset: synthesize it into RUN_ROOT/synth on first use when
-    data.raw_shards is empty (a no-op when the shards are already there)."""
-    if cfg.data.raw_shards:
+    data.raw_shards is empty and there are no data.sources (a no-op when the shards are
+    already there)."""
+    if cfg.data.raw_shards or cfg.data.sources:
         return
     out = Path(cfg.run_root) / "synth"
     s = cfg.synth

@@ -53,6 +53,7 @@ from latentforge.data import latents as lat
 from latentforge.data.buckets import sample_time_ids
 from latentforge.data.buckets import time_ids as time_ids_of
 from latentforge.data.loader import Finalize, finalize
+from latentforge.data.sources import sources_of
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
 from latentforge.fileio import write_json
 from latentforge.log import get_logger
@@ -97,6 +98,9 @@ class Evaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else self.run_dir  # grids and protocols go here
         self.schedule = schedule
         self.heldout_parts = list(heldout_parts)
+        # Held-out parts' files are relative to it (with several sources they are absolute);
+        # every source's manifest has the same identity, so the first one's serves.
+        self.latent_dir = sources_of(cfg)[0].latent_dir
         self.fid_skip = self._fid_skip_reason()  # None when FID runs
         self._check_settings()
         self.null_tokens, self.null_pooled = null_text
@@ -170,7 +174,7 @@ class Evaluator:
         groups: dict[tuple[int, ...], dict[str, list[torch.Tensor]]] = {}
         n = 0
         for pi, part in enumerate(parts):
-            for idx, rec in enumerate(lat.read_part(self.cfg.resolved_latent_dir / part["file"])):
+            for idx, rec in enumerate(lat.read_part(self.latent_dir / part["file"])):
                 if n >= self.cfg.eval.heldout_samples:
                     break
                 if n % dist.world_size() == dist.rank():
@@ -190,7 +194,7 @@ class Evaluator:
 
         want = self.cfg.eval.fid_num_images
         rank, world = dist.rank(), dist.world_size()
-        latent_dir = self.cfg.resolved_latent_dir
+        latent_dir = self.latent_dir
         indices, captions, texts, pooled, means, time_ids = [], [], [], [], [], []
         used_parts: list[dict[str, Any]] = []
         n = 0

@@ -211,14 +211,12 @@ def _check_encoders(loaded: Loaded, encoders: Any) -> None:
 def _heldout_parts(cfg: Config, encoders: Any) -> tuple[list[dict], str | None]:
     """The held-out latent parts, or ([], why not) when the latent dataset is not here."""
     from latentforge.data import latents as lat
-    from latentforge.data.loader import split_parts
+    from latentforge.data.sources import open_dataset, sources_of
 
-    latent_dir = cfg.resolved_latent_dir
-    if not (latent_dir / lat.MANIFEST).is_file():
-        return [], (f"no latent dataset at {latent_dir} (set data.latent_dir): no held-out loss, no FID")
-    manifest = lat.load_manifest(latent_dir)
-    lat.check_identity(manifest, encoders.identity(cfg), str(latent_dir / lat.MANIFEST))
-    return split_parts(manifest, cfg.data.heldout_shards)[1], None
+    missing = [s.latent_dir for s in sources_of(cfg) if not (s.latent_dir / lat.MANIFEST).is_file()]
+    if missing:
+        return [], (f"no latent dataset at {missing[0]} (set data.latent_dir): no held-out loss, no FID")
+    return open_dataset(cfg, encoders.identity(cfg)).heldout_parts, None
 
 
 # ---------------------------------------------------------------------------------------
