@@ -312,7 +312,7 @@ class EpochPlan:
         self.samples = sum(seg.size for seg in segments)
         self.schedule = bucket_schedule(seed, epoch, {b: p.steps for b, p in self.plans.items()}, self.samples)
         self.steps = len(self.schedule)
-        self._orders: dict[int, list[tuple[Bucket, int, int] | None]] = {}
+        self._orders: dict[tuple[tuple[int, ...], ...], list[tuple[Bucket, int, int] | None]] = {}
 
     @property
     def padding(self) -> int:
@@ -323,11 +323,22 @@ class EpochPlan:
         """Per global micro-step, the (bucket, stream, batch index) rank `rank` takes, or None
         for a padding batch: its workers in turn, passing over one without a batch of the
         scheduled bucket."""
-        if rank in self._orders:
-            return self._orders[rank]
         W = self.layout.workers_per_rank
-        left = {b: p.stream_batches[rank * W:(rank + 1) * W] for b, p in self.plans.items()}
-        taken = {b: [0] * W for b in self.plans}
+        return [None if it is None else (it[0], rank * W + it[1], it[2]) for it in self._order(self._signature(rank))]
+
+    def _signature(self, rank: int) -> tuple[tuple[int, ...], ...]:
+        """Batches of each of the rank's workers in each bucket: all its order depends on.
+        A balanced deal gives only a few distinct signatures over all ranks."""
+        W = self.layout.workers_per_rank
+        return tuple(tuple(self.plans[b].stream_batches[rank * W:(rank + 1) * W]) for b in self.buckets)
+
+    def _order(self, sig: tuple[tuple[int, ...], ...]) -> list[tuple[Bucket, int, int] | None]:
+        """`rank_order` with workers (0..W-1) in place of streams, for a rank of signature `sig`."""
+        if sig in self._orders:
+            return self._orders[sig]
+        W = self.layout.workers_per_rank
+        left = dict(zip(self.buckets, sig))
+        taken = {b: [0] * W for b in self.buckets}
         out: list[tuple[Bucket, int, int] | None] = []
         ptr = 0
         for b in self.schedule:
@@ -336,20 +347,27 @@ class EpochPlan:
             if w is None:
                 out.append(None)
                 continue
-            out.append((b, rank * W + w, taken[b][w]))
-            taken[b][w] += 1
+            out.append((b, w, tb[w]))
+            tb[w] += 1
             ptr = (w + 1) % W
-        if len(self._orders) < 4:  # the loader asks for its own rank again and again; simulations for all
-            self._orders[rank] = out
+        self._orders[sig] = out
         return out
 
     def consumed(self, k: int) -> dict[Bucket, list[int]]:
         """Batches each stream of each bucket has handed out after every rank took k micro-steps."""
+        W = self.layout.workers_per_rank
         done = {b: [0] * self.layout.num_streams for b in self.plans}
+        per_sig: dict[tuple[tuple[int, ...], ...], dict[tuple[Bucket, int], int]] = {}
         for r in range(self.layout.world_size):
-            for item in self.rank_order(r)[:k]:
-                if item is not None:
-                    done[item[0]][item[1]] += 1
+            sig = self._signature(r)
+            if sig not in per_sig:
+                counts: dict[tuple[Bucket, int], int] = {}
+                for item in self._order(sig)[:k]:
+                    if item is not None:
+                        counts[(item[0], item[1])] = counts.get((item[0], item[1]), 0) + 1
+                per_sig[sig] = counts
+            for (b, w), n in per_sig[sig].items():
+                done[b][r * W + w] += n
         return done
 
     def remaining(self, k: int) -> list[Segment]:
