@@ -116,7 +116,7 @@ def padding_table(parts: int, per_part: int, shapes: list[list[int]], as_json: b
     """Padding of one epoch's deal at several world sizes (planning only, no files)."""
     import numpy as np
 
-    from latentforge.data.loader import Layout
+    from latentforge.data.loader import EpochPlan, Layout, epoch_segments
 
     rng = np.random.default_rng(0)
     counts = rng.integers(per_part // 2, per_part * 3 // 2, size=parts)
@@ -130,6 +130,14 @@ def padding_table(parts: int, per_part: int, shapes: list[list[int]], as_json: b
                           shapes={"latent": shapes[0], "text": [77, 1024], "pooled": [1024]},
                           sources=[{"name": n, "weight": w} for n, w in (("a", 2.0), ("b", 1.0), ("c", 1.0))])
         rep.add(f"{world} ranks", 100 * lo.padding_fraction, "%", fmt="{:.3f}")
+    # For comparison, one bucket and one source: this deal, and the greedy deal of whole
+    # segments that the loader used before buckets (still used to finish a version-1 position).
+    segs = epoch_segments(0, 0, [int(c) for c in counts])
+    for balanced in (True, False):
+        plan = EpochPlan(segs, Layout(1024, 4, 2), [tuple(shapes[0])] * len(counts), 0, 0, balanced=balanced)
+        rows = plan.steps * 1024 * 2
+        rep.add(f"1024 ranks, square, one source, {'this deal' if balanced else 'greedy deal (before buckets)'}",
+                100 * plan.padding / rows, "%", fmt="{:.3f}")
     rep.print(as_json)
 
 

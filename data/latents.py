@@ -545,9 +545,9 @@ def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shape
                 std = (rng.random(latent) * 0.1 + 0.01).astype(np.float16) if with_std else None
                 text = rng.standard_normal(shapes["text"]).astype(np.float16)
                 pooled = rng.standard_normal(shapes["pooled"]).astype(np.float16)
-                meta: dict[str, Any] = {"text_len": int(rng.integers(2, L + 1)), "orig_width": int(rng.integers(8, 999)),
-                                        "orig_height": int(rng.integers(8, 999)), "crop_top": int(rng.integers(0, 9)),
-                                        "crop_left": int(rng.integers(0, 9))}
+                meta: dict[str, Any] = {"text_len": int(rng.integers(2, L + 1))}
+                meta.update(orig_width=int(rng.integers(8, 999)), orig_height=int(rng.integers(8, 999)),
+                            crop_top=int(rng.integers(0, 9)), crop_left=int(rng.integers(0, 9)))
                 if part_latents is not None:
                     meta.update(target_height=8 * latent[1], target_width=8 * latent[2])
                 extra = [(f"caption {key} #{c}", rng.standard_normal(shapes["text"]).astype(np.float16),

@@ -68,9 +68,9 @@ import numpy as np
 import torch
 
 from latentforge.data import latents as lat
-from latentforge.data.latents import split_parts  # noqa: F401  (where callers have always found it)
 from latentforge.data.buckets import sample_time_ids
 from latentforge.data.captions import choose_caption
+from latentforge.data.latents import split_parts  # noqa: F401  (where callers have always found it)
 from latentforge.data.sources import epoch_counts
 from latentforge.log import get_logger
 

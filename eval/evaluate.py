@@ -413,7 +413,8 @@ class Evaluator:
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
             for idx in fs.batches(bs):
-                pix = self.encoders.codec.decode(torch.stack([fs.means[i] for i in idx]).to(dist.device()))  # (B, 3, H, W)
+                means = torch.stack([fs.means[i] for i in idx]).to(dist.device())  # (B, C, h, w), one shape
+                pix = self.encoders.codec.decode(means)  # (B, 3, H, W)
                 stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
             return stats.all_reduce()
 

@@ -31,7 +31,7 @@ class SynthConfig:
     samples_per_shard: int = 256  # images per raw shard
     image_size: int = 64  # side of the rendered square images, pixels
     seed: int = 0  # the dataset is a pure function of this seed
-    max_aspect: float = 1.0  # images get a random long/short side ratio up to this (area about image_size**2); 1 = square
+    max_aspect: float = 1.0  # random long/short side ratio up to this (area about image_size**2); 1 = square
     captions: int = 1  # captions per image: 2 adds a rephrased caption (KEY.json "captions" holds both)
     metadata: bool = False  # KEY.json gets filterable fields: original_width/height, aesthetic, pwatermark, punsafe
 
@@ -58,13 +58,13 @@ class DataConfig:
     heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
     num_workers: int = 1  # DataLoader workers per rank for latent shards
     prefetch_factor: int = 4  # batches prefetched per worker
-    bucket_max_ratio: float = 1.0  # aspect-ratio buckets up to this long/short side ratio; 1 = square only (centre crop at data.resolution)
+    bucket_max_ratio: float = 1.0  # aspect-ratio buckets up to this long/short side ratio; 1 = square only
     bucket_area: int = 0  # pixels per bucket (width * height at most this); 0 = data.resolution ** 2
-    bucket_multiple: int = 64  # bucket sides are multiples of this many pixels (codec downsample x 2 ** (U-Net levels - 1) at least)
-    caption_fields: tuple[str, ...] = ()  # extra captions: KEY.json fields (a string or a list of strings) or tar member extensions
+    bucket_multiple: int = 64  # bucket sides are multiples of this (>= codec downsample x 2**(U-Net levels-1))
+    caption_fields: tuple[str, ...] = ()  # extra captions: KEY.json fields (string or list) or member extensions
     max_captions: int = 4  # most captions encoded per image, the .txt caption first
-    caption_weights: tuple[float, ...] = ()  # loader: relative weight of caption 0 (.txt), 1, 2, ...; () = uniform over a sample's captions
-    filter_min_original_side: int = 0  # reject when the original image's shorter side (json/parquet) is below this; 0 = off
+    caption_weights: tuple[float, ...] = ()  # loader: relative weight of caption 0 (.txt), 1, 2, ...; () = uniform
+    filter_min_original_side: int = 0  # reject an original (json/parquet) shorter side below this; 0 = off
     filter_max_original_side: int = 0  # reject when the original image's longer side is above this; 0 = off
     filter_min_aesthetic: float = 0.0  # reject an aesthetic score below this; 0 = off
     filter_max_watermark: float = 1.0  # reject a watermark probability above this; 1 = off
@@ -104,8 +104,8 @@ class ModelConfig:
     transformer_layers_per_block: int = 1  # transformer blocks inside each cross-attention block
     linear_projection: bool = True  # SD-2 style linear (not 1x1 conv) projections in transformers
     pooled_text_conditioning: bool = False  # also add the pooled text embedding to the time embedding
-    micro_conditioning: bool = False  # SD-XL size/crop conditioning + pooled text through the added time embedding ("text_time")
-    micro_conditioning_dim: int = 256  # sinusoidal features per micro-conditioning number (diffusers addition_time_embed_dim)
+    micro_conditioning: bool = False  # SD-XL size/crop + pooled text via the added time embedding ("text_time")
+    micro_conditioning_dim: int = 256  # sinusoidal features per size/crop number (addition_time_embed_dim)
 
 
 @dataclass

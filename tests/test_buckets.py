@@ -14,8 +14,14 @@ from PIL import Image
 
 from latentforge.config import ModelConfig, resolve
 from latentforge.data import raw
-from latentforge.data.buckets import (bucket_table, nearest_bucket, nominal_bucket, sample_time_ids,
-                                      table_from_config, time_ids)
+from latentforge.data.buckets import (
+    bucket_table,
+    nearest_bucket,
+    nominal_bucket,
+    sample_time_ids,
+    table_from_config,
+    time_ids,
+)
 
 
 @pytest.mark.parametrize("area,multiple,ratio", [(256 ** 2, 64, 4.0), (1024 ** 2, 64, 2.0), (32 ** 2, 8, 2.0),

@@ -179,6 +179,7 @@ class StepOutcome:
     overflowed: bool  # fp16: DeepSpeed dropped the step while finding its loss scale
     wait_s: float  # time spent waiting for the loader
     by_source: torch.Tensor | None = None  # (S,) float64 real samples per source, with `part_source`
+    loss_sum: float = 0.0  # the loss summed over this step's real samples (padding rows add 0)
 
 
 def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: Config, schedule: Schedule,
@@ -201,7 +202,7 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
                             {k: v if k == "time_ids" else v.to(engine.dtype) for k, v in cond.items()})
 
     local_bad, skip, applied = False, False, False
-    loss_sum, samples, wait = 0.0, 0.0, 0.0
+    loss_sum, samples, wait, loss_rows = 0.0, 0.0, 0.0, 0.0
     by_source = None if part_source is None else torch.zeros(int(part_source.max()) + 1, dtype=torch.float64)
     for micro in range(accum):
         t_wait = time.perf_counter()
@@ -222,6 +223,7 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
         engine.backward(loss)
         applied = engine.step(skip=skip)
         loss_sum += float(loss.detach()) / accum if finite else 0.0
+        loss_rows += float(loss.detach()) * mask.shape[0] if finite else 0.0  # loss = sum over real rows / B
         samples += float(mask.sum())
         if by_source is not None:
             real = batch["mask"] > 0
@@ -229,7 +231,7 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
     fp16 = engine.dtype == torch.float16
     return StepOutcome(loss=loss_sum, samples=samples, applied=applied,
                        skipped=skip or (not applied and not fp16), overflowed=not skip and not applied and fp16,
-                       wait_s=wait, by_source=by_source)
+                       wait_s=wait, by_source=by_source, loss_sum=loss_rows)
 
 
 @dataclass
@@ -272,15 +274,15 @@ class Meter:
     """The train/* metrics of one logging window; this rank's share until `reduce()`."""
 
     def __init__(self, num_sources: int = 0) -> None:
-        self.loss, self.n_loss, self.samples, self.wait = 0.0, 0, 0.0, 0.0
+        self.loss, self.loss_samples, self.samples, self.wait = 0.0, 0.0, 0.0, 0.0
         self.unsynced = 0.0  # samples not yet added to samples_seen (summed over ranks at log/checkpoint)
         self.by_source = torch.zeros(num_sources, dtype=torch.float64)  # unsynced too, per source
         self.t0 = time.perf_counter()
 
     def add(self, out: StepOutcome) -> None:
         if not out.skipped and not out.overflowed:
-            self.loss += out.loss
-            self.n_loss += 1
+            self.loss += out.loss_sum
+            self.loss_samples += out.samples
         self.samples += out.samples
         self.unsynced += out.samples
         self.wait += out.wait_s
@@ -298,18 +300,19 @@ class Meter:
     def reduce(self) -> tuple[dict[str, float], Synced]:
         """(window metrics, samples since the last sync) over all ranks (collective); resets."""
         world = dist.world_size()
-        s = dist.all_reduce_sum(torch.cat([torch.tensor([self.loss, self.samples, self.wait, self.unsynced],
-                                                        dtype=torch.float64), self.by_source]).to(dist.device())
-                                ).tolist()
+        s = dist.all_reduce_sum(torch.cat([torch.tensor([self.loss, self.samples, self.wait, self.unsynced,
+                                                         self.loss_samples], dtype=torch.float64), self.by_source])
+                                .to(dist.device())).tolist()
         elapsed = time.perf_counter() - self.t0
         metrics = {
-            # Mean over ranks and over the window's applied steps (skipped ones have no loss).
-            "train/loss": s[0] / world / self.n_loss if self.n_loss else float("nan"),
+            # Mean over the real samples of the window's applied steps (skipped ones have no loss;
+            # padding rows of the bucket schedule are no samples, so they do not dilute it).
+            "train/loss": s[0] / s[4] if s[4] else float("nan"),
             "train/samples_per_s": s[1] / elapsed,
             "train/data_wait_frac": s[2] / world / elapsed,
         }
         self.__init__(len(self.by_source))
-        return metrics, Synced(int(s[3]), [int(x) for x in s[4:]])
+        return metrics, Synced(int(s[3]), [int(x) for x in s[5:]])
 
 
 # ---------------------------------------------------------------------------------------
