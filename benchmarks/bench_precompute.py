@@ -204,8 +204,8 @@ def web_vs_square(args: argparse.Namespace, enc: object, tmp: Path, rep: Report)
                                              for r in rows]), shard.with_suffix(".parquet"))
     web_ov = [f"data.raw_shards={tmp / 'web'}/*.tar", "data.bucket_max_ratio=2", "data.bucket_multiple=64",
               f"data.bucket_area={args.size ** 2}", "data.filter_min_original_side=8",
-              "data.filter_max_original_side=100000", "data.filter_min_aesthetic=1", "data.filter_max_watermark=0.9999",
-              "data.filter_max_unsafe=0.9999", "data.filter_min_caption_words=3"]
+              "data.filter_max_original_side=100000", "data.filter_min_aesthetic=1", "data.filter_max_watermark=0.9995",
+              "data.filter_max_unsafe=0.9995", "data.filter_min_caption_words=3"]
     times: dict[str, list[float]] = {"square": [], "web": []}
     cpu: dict[str, list[float]] = {"square": [], "web": []}
     pixels: dict[str, int] = {}

@@ -246,9 +246,10 @@ def make_sample(index: int, image_size: int, seed: int, max_aspect: float = 1.0,
         meta["captions"] = [text, rephrase(spec)]
     if metadata:
         k = int(rng.integers(1, 9))
-        meta.update(original_width=width * k, original_height=height * k,
-                    aesthetic=round(float(rng.uniform(3, 8)), 3), pwatermark=round(float(rng.uniform(0, 1)), 3),
-                    punsafe=round(float(rng.uniform(0, 1)), 3))
+        meta.update(original_width=width * k, original_height=height * k,  # 3 decimals, as in LAION's parquet
+                    aesthetic=float(np.floor(rng.uniform(3, 8) * 1000) / 1000),
+                    pwatermark=float(np.floor(rng.uniform(0, 1) * 1000) / 1000),
+                    punsafe=float(np.floor(rng.uniform(0, 1) * 1000) / 1000))
     return key, {
         "json": json.dumps(meta, sort_keys=True).encode(),
         "png": _png_bytes(im),
