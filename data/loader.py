@@ -37,7 +37,8 @@ shrinks as the dataset grows (`EpochPlan.padding`, logged at each deal).
 
 The position saved in a checkpoint is (epoch, the segments of the last deal, the layout
 (world size, workers, micro-batch), k = micro-steps handed to the training loop since that
-deal, each source's start). Batches prefetched by workers are not counted. On resume with
+deal, each source's start, the latent set it belongs to: a resume on another latent set is
+refused). Batches prefetched by workers are not counted. On resume with
 the same layout the streams continue exactly where they were (bitwise). With a different
 layout the unread parts of every segment are dealt again, in epoch order, to the new
 streams, with a new schedule: every remaining sample is still seen exactly once. A
@@ -67,6 +68,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from latentforge import torch_compat
 from latentforge.data import latents as lat
 from latentforge.data.buckets import sample_time_ids
 from latentforge.data.captions import choose_caption
@@ -387,9 +389,11 @@ class Position:
     k: int = 0  # micro-batches handed out since that deal (equal on every rank)
     starts: list[int] | None = None  # each source's start in its sequence of passes; None = epoch x T_s
     version: int = 2  # 1: saved before buckets (greedy deal, one bucket)
+    dataset: str = ""  # the latent set the part indices refer to (latents.dataset_id); "" = unknown
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "dataset": self.dataset,
             "epoch": self.epoch,
             "base": None if self.base is None else [list(s) for s in self.base],
             "layout": None if self.layout is None else self.layout.as_list(),
@@ -410,6 +414,7 @@ class Position:
             k=int(d["k"]),
             starts=None if d.get("starts") is None else [int(x) for x in d["starts"]],
             version=int(d.get("version", 1)),
+            dataset=str(d.get("dataset") or ""),
         )
 
 
@@ -616,7 +621,7 @@ def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, An
     """Uninitialised batch tensors for n real samples, padding rows n..B-1 zeroed.
 
     In a DataLoader worker every tensor is allocated in shared memory, as DataLoader's own
-    default_collate does (`_typed_storage()._new_shared`): sending it to the main process
+    default_collate does (`torch_compat.new_shared`): sending it to the main process
     then costs no copy, where a private tensor would be copied into a new segment. Fresh
     shared memory still costs a page fault per 4 KiB, written here and read there (about
     1 ms per MB on a busy VM): the reason text stays fp16 (TEXT_DTYPE).
@@ -626,9 +631,7 @@ def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, An
     def alloc(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not in_worker:
             return torch.empty(shape, dtype=dtype)
-        proto = torch.empty(0, dtype=dtype)
-        storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
-        return proto.new(storage).resize_(*shape)
+        return torch_compat.new_shared(shape, dtype)
 
     batch: dict[str, Any] = {
         "latents": alloc(B, *shapes["latent"]),
@@ -651,15 +654,17 @@ def _batch_buffers(B: int, n: int, shapes: dict[str, list[int]]) -> dict[str, An
     return batch
 
 
-def _leave_sigterm_to_the_rank(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM. SLURM (scancel, preemption) sends it to every process
-    of a job step; torch's own worker handler would die on it, and the rank would then fail
-    with "DataLoader worker exited unexpectedly" instead of checkpointing (DESIGN.md,
-    guarantee 4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a
-    timeout, and a worker exits by itself when its rank is gone."""
+def _leave_stops_to_the_rank(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. SLURM (scancel, preemption) sends SIGTERM
+    to every process of a job step, a terminal's Ctrl-C sends SIGINT to every process of the
+    foreground group; a worker would die on either, and the rank would then fail with
+    "DataLoader worker exited unexpectedly" instead of checkpointing (docs/guarantees.md,
+    guarantee 4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a timeout,
+    and a worker exits by itself when its rank is gone."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LatentLoader:
@@ -680,7 +685,9 @@ class LatentLoader:
                  world_size: int, num_workers: int = 0, prefetch_factor: int = 2, scale: float = 1.0,
                  shift: float = 0.0, shapes: dict[str, list[int]], position: dict[str, Any] | None = None,
                  sources: list[dict[str, Any]] | None = None, epoch_samples: int = 0,
-                 caption_weights: Sequence[float] = (), default_size: tuple[int, int] = (0, 0)):
+                 caption_weights: Sequence[float] = (), default_size: tuple[int, int] = (0, 0), dataset: str = ""):
+        """`dataset`: the identity of `parts` (latents.dataset_id); a `position` saved for
+        another latent set is refused (its part indices would name other parts)."""
         self.latent_dir = Path(latent_dir)
         self.counts = [int(p["count"]) for p in parts]
         if sum(self.counts) == 0:
@@ -702,6 +709,11 @@ class LatentLoader:
         self.fin = Finalize(scale=scale, shift=shift, seed=seed)
         self.shapes = shapes
         self.position = Position.from_state(position) if position else Position()
+        if dataset and self.position.dataset and self.position.dataset != dataset:
+            raise ValueError(f"data.latent_dir: the saved loader position belongs to latent set "
+                             f"{self.position.dataset}, but {latent_dir} holds {dataset}; resume on the same latents, "
+                             f"or start a new run (model.init_from=RUN_DIR starts it from this run's weights)")
+        self.position.dataset = dataset or self.position.dataset
         if self.position.starts is None:
             self.position.starts = [self.position.epoch * t for t in self.take]
         if len(self.position.starts) != len(self.take):
@@ -737,7 +749,8 @@ class LatentLoader:
     def _commit_plan(self) -> None:
         p = self._plan
         self.position = Position(self.position.epoch, list(p.segments), self.layout, self._k,
-                                 list(self.position.starts or []), 2 if p.balanced else 1)
+                                 list(self.position.starts or []), 2 if p.balanced else 1,
+                                 self.position.dataset)
         rows = p.steps * self.layout.world_size * self.layout.micro_batch
         log.info(f"epoch {self.epoch}: {p.samples} samples in {p.steps} micro-steps of {len(p.buckets)} bucket(s) "
                  f"from step {self._k}; padding {p.padding} of {rows} rows ({p.padding / max(rows, 1):.2%})")
@@ -772,7 +785,8 @@ class LatentLoader:
             yield from self._iter_plan()
             # The deal is used up: next epoch, dealt from scratch at this layout.
             starts = [a + t for a, t in zip(self.position.starts or [], self.take)]
-            self.position = Position(self.position.epoch + 1, None, None, 0, starts)
+            self.position = Position(self.position.epoch + 1, None, None, 0, starts,
+                                     dataset=self.position.dataset)
             self._plan, self._k = self._plan_for(self.position)
             self._commit_plan()
 
@@ -784,11 +798,13 @@ class LatentLoader:
         source: Iterator[dict[str, Any]] | None = None
         if any(item is not None for item in order[self._k:]):
             nw = self.layout.num_workers
+            if nw:
+                torch_compat.check_version()  # here, once, not as a traceback from inside a worker
             # Pinned host memory makes the trainer's .to(device) an async DMA on CUDA.
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                              prefetch_factor=self.prefetch_factor if nw else None,
                                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                             worker_init_fn=_leave_sigterm_to_the_rank if nw else None)
+                                             worker_init_fn=_leave_stops_to_the_rank if nw else None)
             source = iter(dl)
         limit = (4 * max(self.prefetch_factor, 1) + len(plan.buckets)) * self.layout.workers_per_rank + 8
         while self._k < plan.steps:

@@ -1,7 +1,7 @@
 """Robust reading of raw image-caption shards (img2dataset's WebDataset layout).
 
 One shard in, a stream of decoded samples and rejections out. Nothing crashes and nothing
-is dropped silently (DESIGN.md guarantees 1 and 6): every sample the tar holds is counted
+is dropped silently (docs/guarantees.md, 1 and 6): every sample the tar holds is counted
 as seen and is either yielded as a `RawSample` or yielded as a `Rejection` with one of
 `REASONS`; problems with the shard itself (`SHARD_ERRORS`) end it and are listed in the
 `ShardReport`. For every shard, seen == yielded + sum(rejected).

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from latentforge.config import Config
+from latentforge.hashing import json_sha256
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Dataset:
     train_parts: list[dict[str, Any]]  # with "source": index; "file" absolute when there are several sources
     heldout_parts: list[dict[str, Any]]  # the last data.heldout_shards parts of every source
     buckets: list[dict[str, Any]]  # {"size": [H, W], "latent": [C, h, w], "count"} over all sources; [] = square
+    dataset: str = ""  # identity of the training parts (`training_set_id`), recorded in the loader position
 
     def loader_sources(self) -> list[dict[str, Any]]:
         return [{"name": s.name, "weight": s.weight} for s in self.sources]
@@ -100,12 +102,14 @@ def open_dataset(cfg: Config, identity: dict[str, Any]) -> Dataset:
     srcs = sources_of(cfg)
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
+    ids: list[str] = []
     shapes: dict[str, list[int]] = {}
     buckets: dict[tuple[int, int], dict[str, Any]] = {}
     for i, src in enumerate(srcs):
         manifest = lat.load_manifest(src.latent_dir)
         lat.check_identity(manifest, identity, str(src.latent_dir / lat.MANIFEST))
         tr, ho = lat.split_parts(manifest, cfg.data.heldout_shards)
+        ids.append(lat.dataset_id(src.latent_dir, manifest, tr))
         where = (lambda p: p) if len(srcs) == 1 else (lambda p, d=src.latent_dir: dict(p, file=str(d / p["file"])))
         train += [dict(where(p), source=i) for p in tr]
         heldout += [where(p) for p in ho]
@@ -113,4 +117,25 @@ def open_dataset(cfg: Config, identity: dict[str, Any]) -> Dataset:
         for b in manifest.get("buckets", []):
             buckets.setdefault(tuple(b["size"]), dict(b, count=0))["count"] += b["count"]
     return Dataset(srcs, srcs[0].latent_dir, shapes, train, heldout,
-                   [buckets[k] for k in sorted(buckets, key=lambda b: (b[1] / b[0], b))])
+                   [buckets[k] for k in sorted(buckets, key=lambda b: (b[1] / b[0], b))], _combined_id(srcs, ids))
+
+
+def _combined_id(srcs: list[Source], ids: list[str]) -> str:
+    """One source: its latents.dataset_id (what a run before sources recorded); several: a
+    hash over every source's name and id."""
+    return ids[0] if len(ids) == 1 else json_sha256([[s.name, i] for s, i in zip(srcs, ids)])
+
+
+def training_set_id(cfg: Config) -> str | None:
+    """The identity of the run's training parts, as `open_dataset` records it, without the
+    encoders' check; None while a source's manifest is missing (not precomputed yet)."""
+    from latentforge.data import latents as lat
+
+    srcs = sources_of(cfg)
+    ids = []
+    for src in srcs:
+        if not (src.latent_dir / lat.MANIFEST).is_file():
+            return None
+        manifest = lat.load_manifest(src.latent_dir)
+        ids.append(lat.dataset_id(src.latent_dir, manifest, lat.split_parts(manifest, cfg.data.heldout_shards)[0]))
+    return _combined_id(srcs, ids)

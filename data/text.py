@@ -7,7 +7,7 @@ then `ln_final`. The pooled embedding is exactly open_clip's `encode_text(normal
 the EOT token of the final layer after `ln_final`, projected by `text_projection`.
 Both come out of one pass: the penultimate activations are kept on the way through.
 
-Weights load offline (DESIGN.md, "Offline by design"), from `text.pretrained`:
+Weights load offline (docs/security.md, "Offline by design"), from `text.pretrained`:
 
 - a checkpoint file (what open_clip's `create_model(name, pretrained=FILE)` accepts: a
   plain state dict, or open_clip_train's `{"state_dict": ...}` checkpoint);
@@ -25,7 +25,7 @@ Only the text tower is kept: the model is built on the CPU with open_clip's own 
 (so checkpoint conversions and strict key checks stay open_clip's), then `model.visual`
 is deleted before moving to the device. The trade-off: the vision tower exists briefly in
 host memory while loading (ViT-H-14: about 2.5 GB fp32), never on the GPU.
-open_clip is imported late (STYLE.md item 13).
+open_clip is imported late (it is slow to import).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from latentforge.config import TextConfig
+from latentforge.data import open_clip_compat
 from latentforge.data.codecs import parse_dtype, resolve_dtype_name
 from latentforge.fileio import atomic_write
 from latentforge.hashing import sha256_file
@@ -115,15 +116,10 @@ def _checkpoint_in_dir(d: Path) -> Path:
 
     open_clip silently random-inits a local-dir model with no weights; we refuse instead.
     """
-    try:  # private helper, but the only way to hash exactly the file open_clip loads
-        from open_clip.factory import _find_checkpoint_in_dir
-    except ImportError as e:
-        raise RuntimeError("this open_clip version lacks factory._find_checkpoint_in_dir; "
-                           "pass the checkpoint file itself as text.pretrained") from e
-    found = _find_checkpoint_in_dir(d)
+    found = open_clip_compat.find_checkpoint_in_dir(d)
     if found is None:
         raise TextWeightsNotFound(f"text.pretrained: no open_clip weights (*.safetensors, *.bin, *.pth) in {str(d)!r}")
-    return Path(found)
+    return found
 
 
 class TextEncoder:
@@ -136,6 +132,7 @@ class TextEncoder:
     def __init__(self, cfg: TextConfig, device: torch.device | str = "cpu") -> None:
         import open_clip
 
+        open_clip_compat.check_version()  # before anything slow: this class reads open_clip's internals
         if cfg.layer not in ("penultimate", "last"):
             raise ValueError(f"text.layer: expected 'penultimate' or 'last', got {cfg.layer!r}")
         self.dtype_name = resolve_dtype_name(cfg.dtype, device, "text.dtype")  # "auto" -> bf16 on CUDA, else fp32
@@ -177,12 +174,10 @@ class TextEncoder:
                 precision=self.dtype_name,
                 device="cpu",
             )
-        if not all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final", "attn_mask")):
-            raise ValueError(f"text.model: {cfg.model!r} builds an open_clip {type(model).__name__}; only CLIP "
-                             f"models with open_clip's built-in text transformer are supported")
-        if model.text_pool_type not in ("argmax", "eos"):
-            raise ValueError(f"text.model: {cfg.model!r} pools text with {model.text_pool_type!r}; "
-                             f"expected 'argmax' or 'eos' (an EOT token)")
+        problem = open_clip_compat.text_tower_problem(model)
+        if problem:
+            raise ValueError(f"text.model: {cfg.model!r} {problem}; only CLIP models with open_clip's built-in "
+                             f"text transformer are supported")
         del model.visual
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(open_clip_name)
@@ -191,14 +186,8 @@ class TextEncoder:
         if getattr(self.tokenizer, "context_length", self.context_length) != self.context_length:
             raise ValueError(f"text.model: tokenizer context length {self.tokenizer.context_length} != "
                              f"model context length {self.context_length}")
-        self.width = int(model.transformer.width)
-        proj = model.text_projection
-        if proj is None:
-            self.pooled_dim = self.width
-        elif isinstance(proj, torch.nn.Linear):
-            self.pooled_dim = int(proj.out_features)
-        else:
-            self.pooled_dim = int(proj.shape[1])
+        self.width = open_clip_compat.text_width(model)
+        self.pooled_dim = open_clip_compat.pooled_dim(model)
         self._weights_sha256: str | None = None
 
     # -----------------------------------------------------------------------------------
@@ -223,37 +212,14 @@ class TextEncoder:
                                   torch.zeros(0, dtype=torch.int64, device=dev))
         m = self.model
         with torch.inference_mode():
-            # The same ops, in the same order and dtypes, as open_clip's CLIP.encode_text.
-            cast = m.transformer.get_cast_dtype()
-            x = m.token_embedding(text).to(cast)  # (N, L, D)
-            x = x + m.positional_embedding.to(cast)
-            batch_first = getattr(m.transformer, "batch_first", True)
-            if not batch_first:
-                x = x.transpose(0, 1)  # (L, N, D)
-            blocks = m.transformer.resblocks
-            for blk in blocks[:-1]:
-                x = blk(x, attn_mask=m.attn_mask)  # causal mask, exactly as Transformer.forward passes it
-            penultimate = x
-            x = blocks[-1](x, attn_mask=m.attn_mask)
-            if not batch_first:
-                x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
+            penultimate, x = open_clip_compat.text_layers(m, text)  # (N, L, D) each, before ln_final
             last = m.ln_final(x)  # (N, L, D)
             tokens = m.ln_final(penultimate) if self.layer == "penultimate" else last  # (N, L, D)
 
-            eot = self._eot_index(text)  # (N,)
+            eot = open_clip_compat.eot_index(m, text)  # (N,)
             pooled = last[torch.arange(n, device=text.device), eot]  # (N, D): open_clip's text_global_pool
-            proj = m.text_projection
-            if isinstance(proj, torch.nn.Linear):
-                pooled = proj(pooled)
-            elif proj is not None:
-                pooled = pooled @ proj  # (N, P)
+            pooled = open_clip_compat.project_pooled(m, pooled)  # (N, P)
             return TextEmbeddings(tokens.float(), pooled.float(), (eot + 1).to(torch.int64))
-
-    def _eot_index(self, text: torch.Tensor) -> torch.Tensor:
-        """Position of the token open_clip pools (N,): the EOT. Mirrors `text_global_pool`."""
-        if self.model.text_pool_type == "argmax":
-            return text.argmax(dim=-1)  # the CLIP BPE gives EOT the highest id
-        return (text == self.model.text_eos_id).int().argmax(dim=-1)
 
     # -----------------------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ at 0 as Hessel et al. define it. (torchmetrics clamps the mean instead; the two 
 whenever no pair has a negative cosine, which is the normal case for a trained CLIP.)
 
 The reported number is the mean over all pairs on all ranks: each rank sums its per-pair
-scores in float64 and counts them, one all-reduce of [sum, count], then sum / count
-(STYLE.md item 9). Ranks may hold different numbers of pairs.
+scores in float64 and counts them, one all-reduce of [sum, count], then sum / count.
+Ranks may hold different numbers of pairs.
 
-Weights come only from local paths (DESIGN.md, "Offline by design"):
+Weights come only from local paths (docs/security.md, "Offline by design"):
 
 - `pretrained="/path/open_clip_pytorch_model.bin"` (or .safetensors, or an open_clip
   training checkpoint with a `state_dict`) with `arch` a built-in open_clip name such as
@@ -32,7 +32,6 @@ turned into PIL images first, so tensors and PIL images take the identical path.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from latentforge import dist
+from latentforge.data import open_clip_compat
 
 CLIP_CONFIG_KEY = "eval.clip_pretrained"  # the config field callers read `pretrained` from
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -175,14 +175,12 @@ def _check_local_dir(directory: str) -> None:
 
 def _build_tiny(device: torch.device | str) -> tuple[torch.nn.Module, Callable, Callable]:
     import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     model = open_clip.CLIP(**copy.deepcopy(TINY_CLIP_CONFIG))
     # What create_model does for built-in names: default (OpenAI) mean/std, the model's size.
-    pp = {**dataclasses.asdict(PreprocessCfg()), "size": model.visual.image_size}
+    pp, preprocess = open_clip_compat.inference_transform(model)
     open_clip.set_model_preprocess_cfg(model, pp)
     tokenizer = open_clip.SimpleTokenizer(context_length=TINY_CLIP_CONFIG["text_cfg"]["context_length"])
-    preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
     return model.to(device), tokenizer, preprocess
 
 

@@ -12,6 +12,8 @@ What one `evaluate(model, step, tracker, cfg_scale=s)` computes; every rank take
                         eval.images_per_prompt, with fixed noise per cell, dealt round-robin
                         over ranks; the few images are gathered to rank 0 -> samples/*.png.
     eval/shape_*        prompt adherence of the grid images (eval/adherence.py).
+    eval/diversity_*    same-prompt against different-prompt distances in the grid
+                        (eval/diversity.py; with eval.images_per_prompt >= 2).
     eval/fid            the FID set: the captions of the first eval.fid_num_images held-out
                         latents (their stored text embeddings), fixed noise per index,
                         dealt round-robin, sampled in batches of eval.fid_batch_size. Each
@@ -27,13 +29,19 @@ What one `evaluate(model, step, tracker, cfg_scale=s)` computes; every rank take
 
 Without pretrained weights the same numbers are computed with seeded random networks and
 logged as eval/fid_randinit and eval/clip_score_randinit, never under the real names
-(DESIGN.md, "Metrics"). The full protocol (count, resolution, sampler, steps, CFG scale,
+(README.md, "MLflow"). The full protocol (count, resolution, sampler, steps, CFG scale,
 seed, weights hashes, reference key and cache hit) is written next to every evaluation as
 `eval/protocol_step_XXXXXXXX[_cfgS].json` and logged as an MLflow artifact; its stable
 parts also go to params `eval_protocol/*`.
 
 Sampling uses a plain fp32 copy of the U-Net loaded with the EMA (or gathered raw)
 weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage.
+
+A stop signal (SIGUSR2, SIGTERM, SIGINT: training/control.py) interrupts an evaluation at
+the next batch boundary: before the held-out loss, before each batch of the FID reference
+and of the FID set, before the grid. Every rank checks there (one tiny all-reduce; ranks
+with fewer FID images still take part in every round), so all raise EvalInterrupted
+together and the caller checkpoints (periodic) or closes its run (stand-alone).
 """
 
 from __future__ import annotations
@@ -55,9 +63,10 @@ from latentforge.data.buckets import time_ids as time_ids_of
 from latentforge.data.loader import Finalize, finalize
 from latentforge.data.sources import sources_of
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
-from latentforge.fileio import write_json
+from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
-from latentforge.training.unet import build_unet, unet_forward
+from latentforge.training.control import check_stop
+from latentforge.training.unet import add_lora, build_unet, unet_forward
 
 log = get_logger("eval")
 
@@ -85,6 +94,18 @@ class FidSet:
             else:
                 out.append([i])
         return out
+
+
+def _progress(what: str, done: int, total: int, t0: float, last: float) -> float:
+    """A progress line of a long FID loop (rank 0's share) every 10 s and at its end.
+    Returns when the last line was printed."""
+    now = time.monotonic()
+    if now - last <= 10 and done < total:
+        return last
+    rate = done / max(now - t0, 1e-9)
+    log.info(f"{what}: rank 0 {done}/{total} images, {rate:.2f} images/s per rank, "
+             f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
+    return now
 
 
 class Evaluator:
@@ -261,16 +282,21 @@ class Evaluator:
 
     def _eval_model(self, engine: Any, ema: Any) -> torch.nn.Module:
         """A plain U-Net on this rank's device with the weights to evaluate."""
+        lora = bool(self.cfg.model.lora_rank)
         if self._model is None:
             C, h, _ = self.shapes["latent"]
             self._model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
+            if lora:  # the same modules as the engine's: base layers and adapters
+                add_lora(self._model, self.cfg.model)
             self._model.to(dist.device()).eval().requires_grad_(False)
-        if ema is not None and self.cfg.eval.use_ema:
+        if ema is not None and self.cfg.eval.use_ema and not lora:
             ema.copy_to(self._model)
-        else:
+        else:  # LoRA: the frozen base from the engine, then its adapters' EMA over it
             with engine.full_parameters() as m, torch.no_grad():
                 for (name, p), (name2, q) in zip(self._model.named_parameters(), m.named_parameters()):
                     p.copy_(q.detach().float())
+            if ema is not None and self.cfg.eval.use_ema:
+                ema.copy_to(self._model)
         return self._model
 
     # ------------------------------------------------------------------------------
@@ -308,6 +334,7 @@ class Evaluator:
                          "prediction": self.cfg.diffusion.prediction},
         }
         if heldout:
+            check_stop("held-out loss")
             metrics.update(self.heldout_metrics(model))
             protocol["heldout_loss"] = {"samples": self._heldout_total(), "buckets": self.cfg.eval.heldout_buckets}
 
@@ -325,6 +352,7 @@ class Evaluator:
             protocol["clip_score"] = {"skipped": "eval.clip_score=false"}
 
         # Sample grid (and CLIP score on it when there is no FID set), then adherence.
+        check_stop("sample grid")
         grid_metrics, grid_protocol = self._grid(model_fn, step, tracker, cfg_scale, suffix, clip_on_grid)
         metrics.update(grid_metrics)
         protocol.update(grid_protocol)
@@ -412,10 +440,17 @@ class Evaluator:
             log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
-            for idx in fs.batches(bs):
-                means = torch.stack([fs.means[i] for i in idx]).to(dist.device())  # (B, C, h, w), one shape
-                pix = self.encoders.codec.decode(means)  # (B, 3, H, W)
-                stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+            mine = fs.batches(bs)
+            n_mine = len(fs.means)
+            t0 = last = time.monotonic()
+            for r in range(self._agreed_rounds(len(mine))):
+                check_stop("FID reference")
+                if r < len(mine):
+                    idx = mine[r]
+                    means = torch.stack([fs.means[i] for i in idx]).to(dist.device())  # (B, C, h, w), one shape
+                    pix = self.encoders.codec.decode(means)  # (B, 3, H, W)
+                    stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+                    last = _progress("FID reference", idx[-1] + 1, n_mine, t0, last)
             return stats.all_reduce()
 
         stats, hit = fid.reference_stats(cache_dir, key_parts, compute)
@@ -441,8 +476,12 @@ class Evaluator:
         clip_sum, n_mine = 0.0, len(fs.means)
         t0 = last = time.monotonic()
         resolution = h * self.encoders.codec.downsample
-        done = 0
-        for pos in fs.batches(bs):  # each at its own sample's latent shape
+        mine = fs.batches(bs)
+        for r in range(self._agreed_rounds(len(mine))):
+            check_stop("FID set")
+            if r >= len(mine):  # this rank's share is done; it still meets the others at each boundary
+                continue
+            pos = mine[r]  # each batch at its own samples' latent shape
             x_T = torch.stack([fid_noise(self.cfg.eval.seed, fs.indices[i], tuple(fs.means[i].shape))
                                for i in pos])  # (B, C, h, w)
             sel = torch.tensor(pos)
@@ -451,12 +490,7 @@ class Evaluator:
             stats.update(fid.image_features(inception, u8, bs))  # (B, 2048)
             if scorer is not None:
                 clip_sum += float(scorer.score(u8, [fs.captions[i] for i in pos]).double().sum())
-            done += len(pos)
-            if time.monotonic() - last > 10 or done == n_mine:  # progress on long FID runs
-                last = time.monotonic()
-                rate = done / max(last - t0, 1e-9)
-                log.info(f"FID set (cfg {cfg_scale:g}): rank 0 {done}/{n_mine} images, {rate:.2f} "
-                         f"images/s per rank, ETA {(n_mine - done) / max(rate, 1e-9) / 60:.1f} min")
+            last = _progress(f"FID set (cfg {cfg_scale:g})", pos[-1] + 1, n_mine, t0, last)
         stats.all_reduce()
         value = fid.fid_from_stats(stats, ref)
         metrics = {inception.metric_name: value}
@@ -472,6 +506,12 @@ class Evaluator:
             protocol["clip_score"] = {**scorer.protocol(), "value": value, "pairs": fs.total,
                                       "set": "FID set (generated image, its held-out caption)"}
         return metrics, protocol
+
+    @staticmethod
+    def _agreed_rounds(n: int) -> int:
+        """The most batches any rank has of a FID loop whose batches each hold one latent
+        shape (collective): every rank walks through as many batch boundaries."""
+        return int(dist.all_reduce_max(torch.tensor([float(n)], device=dist.device())).item())
 
     def _grid(self, model_fn: Any, step: int, tracker: Any, cfg_scale: float, suffix: str,
               with_clip: bool) -> tuple[dict[str, float], dict[str, Any]]:
@@ -510,9 +550,15 @@ class Evaluator:
             name = f"step_{step:08d}{suffix}.png"
             out = self.out_dir / "samples" / name
             out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
+            with atomic_open(out) as f:
+                grid.save(f, format="PNG")
             tracker.log_image(grid, f"samples/{name}")
             metrics.update(self._adherence(grid_images, [self.prompts[i] for i, _ in cells]))
+            if per > 1:  # two samples of one prompt must differ (eval/diversity.py)
+                from latentforge.eval.diversity import diversity
+
+                d = diversity(grid_images, [i for i, _ in cells])
+                metrics.update({f"eval/diversity_{k}": v for k, v in d.items()})
         # Rank 0 alone scored adherence; the others learn the numbers so every rank returns
         # the same metrics (the stand-alone sweep tabulates them on rank 0 only, but a
         # caller must not see rank-dependent keys).

@@ -240,6 +240,65 @@ def sample_euler(denoise: Denoiser, x: torch.Tensor, *, schedule: Schedule, step
     return _run_diffusers(scheduler, denoise, x, steps, schedule, x_scale=(sigma_max**2 + 1) ** 0.5)
 
 
+def sample_blended(denoise: Denoiser, x: torch.Tensor, *, schedule: Schedule, steps: int, x0_known: torch.Tensor,
+                   keep: torch.Tensor | None = None, strength: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Image-to-image and inpainting at sampling time, for any trained model: DDIM (ddpm) or
+    rectified-flow Euler (flow), the updates of `sample_ddim` / `sample_flow_euler`, with
+
+    strength    (SDEdit, Meng et al. 2022) the first (1 - strength) of the steps are skipped:
+                sampling starts from x0_known noised to the first remaining time (x_T itself
+                as the noise); strength 1 starts from x_T, pure noise.
+    keep        (N, 1, H, W) in {0, 1}, 1 where x0_known is to be kept. After every update
+                x_s = keep * q(x0_known, s) + (1 - keep) * x_s: the known region is replaced by
+                x0_known noised to the step's time with fresh noise from `generator`
+                ("Blended Latent Diffusion", Avrahami et al. 2023, Alg. 1; RePaint, Lugmayr
+                et al. 2022, without resampling). The last step's time is the data itself, so
+                the known region ends equal to x0_known.
+
+    x: the noise x_T (N, C, H, W); x0_known (N or 1, C, H, W) in the model's latent space.
+    With strength 1 and no keep mask this is exactly `sample_ddim` / `sample_flow_euler`."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength: expected a number in (0, 1], got {strength}")
+    n = x.shape[0]
+    x0_known = x0_known.to(x).expand_as(x)
+    used = max(1, round(steps * strength))
+    flow = schedule.objective == "flow"
+    if flow:
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()[steps - used:]  # tau, ends at 0
+    else:
+        grid = trailing_timesteps(schedule.num_train_timesteps, steps)[steps - used:] + [-1]  # t, ends at "data"
+
+    def alpha_sigma(i: int) -> tuple[float, float]:  # of x at grid[i]
+        if flow:
+            return 1.0 - grid[i], grid[i]
+        ac = float(schedule.alphas_cumprod[grid[i]]) if grid[i] >= 0 else 1.0
+        return ac**0.5, (1 - ac) ** 0.5
+
+    def noised(i: int, eps: torch.Tensor) -> torch.Tensor:  # q(x0_known, grid[i])
+        a, s = alpha_sigma(i)
+        return a * x0_known + s * eps
+
+    if used < steps:
+        x = noised(0, x)
+    for i in range(used):
+        # 1. The (guided) network at (x, grid[i]); flow: velocity, ddpm: its parameterisation.
+        if flow:
+            t_vec = torch.full((n,), grid[i] * FLOW_TIME_SCALE, dtype=torch.float32, device=x.device)
+            x = x + (grid[i + 1] - grid[i]) * denoise(x, t_vec).float()
+        else:
+            t_vec = torch.full((n,), grid[i], dtype=torch.long)
+            x0_hat, eps_hat = pred_to_x0_eps(schedule.prediction, denoise(x, t_vec.to(x.device)).float(), x,
+                                             t_vec, schedule)
+            a, s = alpha_sigma(i + 1)
+            x = a * x0_hat + s * eps_hat  # the DDIM update (eta = 0)
+        # 2. Blend: the known region at the new time.
+        if keep is not None:
+            eps = torch.randn(tuple(x.shape), generator=generator).to(x)
+            x = keep * noised(i + 1, eps) + (1 - keep) * x
+    return x
+
+
 def _sampler(schedule: Schedule, name: str) -> Sampler:
     if name == "ddim":
         return sample_flow_euler if schedule.objective == "flow" else sample_ddim
@@ -276,7 +335,8 @@ def sample_geometry(latent_channels: int, downsample: int, size: tuple[int, int]
 def sample(model_fn: ModelFn, shape: tuple[int, ...], cond: Any, uncond: Any | None, *, schedule: Schedule,
            diffusion_cfg: DiffusionConfig, sampler: str, steps: int, cfg_scale: float,
            generator: torch.Generator, device: torch.device | str | None = None,
-           x_T: torch.Tensor | None = None) -> torch.Tensor:
+           x_T: torch.Tensor | None = None, x0_known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+           strength: float = 1.0) -> torch.Tensor:
     """Sample N = shape[0] latents, float32 (N, C, H, W), on `device` (default: cond's).
 
     model_fn(x_t (B, C, H, W), t (B,), cond (B, ...)) -> output (B, C, H, W), where t is
@@ -287,6 +347,9 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], cond: Any, uncond: Any | N
     random, so the same seed gives the same samples. A caller may pass its own `x_T`
     (shape `shape`, unit Gaussian; e.g. noise fixed per grid cell so a sample does not
     depend on which rank draws it); then `generator` is not used.
+    `x0_known` (latents of an init image) with `strength` < 1 and/or a `keep` mask: image-to-
+    image and inpainting (`sample_blended`; sampler ddim, or flow's euler); the blend's
+    fresh noise then comes from `generator`.
     """
     if diffusion_cfg.objective != schedule.objective or diffusion_cfg.prediction != schedule.prediction:
         raise ValueError(f"schedule: built for objective={schedule.objective!r} prediction={schedule.prediction!r} "
@@ -306,4 +369,9 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], cond: Any, uncond: Any | N
     if x_T is None:
         x_T = torch.randn(tuple(shape), generator=generator)  # (N, C, H, W)
     x_T = x_T.to(device=device, dtype=torch.float32)
+    if x0_known is not None:
+        if not (fn in (sample_ddim, sample_flow_euler) or (schedule.objective == "flow" and sampler == "euler")):
+            raise ValueError(f"--sampler: image-to-image and inpainting run on DDIM (flow: Euler), not {sampler!r}")
+        return sample_blended(guided(model_fn, cond, uncond, cfg_scale), x_T, schedule=schedule, steps=steps,
+                              x0_known=x0_known, keep=keep, strength=strength, generator=generator)
     return fn(guided(model_fn, cond, uncond, cfg_scale), x_T, schedule=schedule, steps=steps)

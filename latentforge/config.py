@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
-class ConfigError(ValueError):
-    """A bad config key or value. The message names the key."""
-
-
-class AbortError(RuntimeError):
-    """A run stopped for a reason the user can act on; the message says what and how."""
+from latentforge.errors import AbortError, ConfigError  # noqa: F401  (re-exported: callers import them from here)
 
 
 @dataclass
@@ -106,6 +100,10 @@ class ModelConfig:
     pooled_text_conditioning: bool = False  # also add the pooled text embedding to the time embedding
     micro_conditioning: bool = False  # SD-XL size/crop + pooled text via the added time embedding ("text_time")
     micro_conditioning_dim: int = 256  # sinusoidal features per size/crop number (addition_time_embed_dim)
+    mid_block: str = "cross_attn"  # middle block: "cross_attn" (UNetMidBlock2DCrossAttn) or "none" (no middle block)
+    init_from: str = ""  # start weights: diffusers U-Net dir, export, or RUN_DIR[@TAG][:ema|:raw] (docs/finetuning.md); "" = random
+    lora_rank: int = 0  # > 0: train only rank-r LoRA adapters (peft) on the attention projections of init_from's model
+    lora_alpha: float = 0.0  # LoRA scale numerator (scale = alpha / rank); 0 = the rank (scale 1)
 
 
 @dataclass
@@ -194,7 +192,7 @@ class TrackingConfig:
     run_name: str = ""  # MLflow run name; "" = the run directory's name
     enabled: bool = True  # log to MLflow at all
     system_metrics: bool = True  # sample CPU/memory/disk/network (and GPU with nvidia-ml-py) into system/* metrics
-    max_buffer: int = 100_000  # metric records kept while the MLflow server is unreachable; oldest dropped beyond
+    max_buffer: int = 100_000  # records held in memory while neither MLflow nor the spool can take them
 
 
 @dataclass
@@ -323,6 +321,21 @@ def sd2_base_256() -> Config:
     )
 
 
+@preset("sd2-base-512")
+def sd2_base_512() -> Config:
+    """Stage 2 of the SD-2-base recipe (550k steps at 256 px, then 850k at 512 px): the same
+    U-Net at 512 px (64 x 64 latents) on its own latent set, started from stage 1's EMA
+    weights with a fresh optimizer and LR schedule. Set model.init_from=STAGE1_RUN_DIR
+    (README, "Training in stages")."""
+    cfg = sd2_base_256()
+    cfg.preset = "sd2-base-512"
+    cfg.synth.image_size = 512
+    cfg.data.resolution, cfg.data.min_size = 512, 512
+    cfg.optim = OptimConfig(lr=1e-4, warmup_steps=5000, decay="constant")
+    cfg.train.max_steps = 850000
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------
 # Conversion between dataclasses and plain dicts, with type checks.
 
@@ -446,7 +459,14 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     text = p.read_text()
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib  # Python 3.11+
+            except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport
+                try:
+                    import tomli as tomllib
+                except ModuleNotFoundError:
+                    raise ConfigError(f"{p}: TOML configs need Python 3.11+ or the tomli package "
+                                      f"(latentforge depends on it on Python 3.10: pip install tomli)") from None
 
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml", ".json"):
@@ -512,11 +532,18 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def resolve(preset_name: str | None = None, file: str | os.PathLike | None = None,
             overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset, then file, then overrides. Validates every key and type."""
+    """Preset, then file, then overrides. Validates every key and type. With model.init_from
+    the source's U-Net architecture goes between the preset and the file: it holds unless
+    the file or an override sets a model field itself."""
     data = merge(load_file(file) if file else {}, overrides_dict(overrides))
     if preset_name:  # an explicit --preset wins over the file's
         data["preset"] = preset_name
     cfg = from_dict(data)
+    if cfg.model.init_from:
+        from latentforge.sources import source_architecture
+
+        arch = source_architecture(cfg.model.init_from, resumed=cfg.resolved_run_dir / "config.yaml")
+        cfg = from_dict(merge({"model": arch}, data))
     validate(cfg)
     return cfg
 
@@ -586,6 +613,13 @@ def validate(cfg: Config) -> None:
         if c % cfg.model.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not a multiple of model.norm_num_groups "
                               f"{cfg.model.norm_num_groups}")
+    m = cfg.model
+    if m.mid_block not in ("cross_attn", "none"):
+        raise ConfigError(f"model.mid_block: expected 'cross_attn' or 'none', got {m.mid_block!r}")
+    if m.lora_rank < 0 or m.lora_alpha < 0:
+        raise ConfigError(f"model.lora_rank/lora_alpha: must be >= 0, got {m.lora_rank}, {m.lora_alpha}")
+    if m.lora_rank and not m.init_from:
+        raise ConfigError("model.lora_rank: LoRA adapts pretrained weights; set model.init_from to the model to adapt")
     if cfg.eval.sampler not in ("ddim", "dpm++", "euler"):
         raise ConfigError(f"eval.sampler: expected ddim, dpm++ or euler, got {cfg.eval.sampler!r}")
     if cfg.nproc < 1:

@@ -15,6 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from latentforge.env import bind_gloo_interface
+from latentforge.log import get_logger
+
+log = get_logger("dist")
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -51,12 +56,13 @@ def init(timeout_s: float = 600.0) -> None:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
 
     A no-op for a single process without those variables. `timeout_s` bounds every
-    collective, so a dead rank makes the others fail instead of hanging (DESIGN.md,
+    collective, so a dead rank makes the others fail instead of hanging (docs/guarantees.md,
     guarantee 6). NCCL honours it only with async error handling, which we turn on.
     """
     if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1 and "MASTER_ADDR" not in os.environ:
         return
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
     if device().type == "cuda":
         torch.cuda.set_device(device())
     dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
@@ -104,6 +110,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def destroy() -> None:
+    """Leave the process group (local: no collective). Called on the way out, errors
+    included, so a failure to tear down is not a second error."""
     if is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # e.g. a backend already broken by a lost peer
+            log.debug(f"destroy_process_group: {e}")
 

@@ -14,8 +14,10 @@ Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, 
     latentforge submit KIND --profile P       the same jobs through submitit (SLURM or local)
     latentforge status RUN_DIR                job state, step, last metrics, log tail
     latentforge runs compare EXPERIMENT       compare MLflow runs
+    latentforge runs sync RUN_DIR             deliver what jobs could not send to MLflow
     latentforge ckpt universal RUN_DIR        universal checkpoint: resume at another world size
     latentforge ckpt verify RUN_DIR           each checkpoint: intact, damaged (and why) or incomplete
+    latentforge shipped [profile|template N]  the shipped cluster profiles and sbatch templates, and where
     latentforge demo                          the whole pipeline on the embedded defaults
 """
 
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True)
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ex.add_argument("--merge-lora", action="store_true",
+                    help="LoRA runs: write the U-Nets with the adapters folded in (the adapter file is written either way)")
 
     sa = sub.add_parser("sample", help="generate images from an export")
     sa.add_argument("--model", required=True, help="export directory")
@@ -90,10 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the run's nominal size)")
     sa.add_argument("--crop", default="0,0", help="micro-conditioning crop TOP,LEFT (default 0,0)")
+    sa.add_argument("--init-image", default=None, help="image-to-image / inpainting: the picture to start from")
+    sa.add_argument("--mask", default=None, help="inpainting: white where to generate, black where to keep the "
+                                                 "init image")
+    sa.add_argument("--strength", type=float, default=None,
+                    help="how much of the sampling to run from the noised init image, (0, 1] (default: 1 with "
+                         "--mask, 0.8 without)")
 
     sb = sub.add_parser("submit", help="submit precompute/train/eval through submitit")
     sb.add_argument("kind", choices=["precompute", "train", "eval"])
-    sb.add_argument("--profile", required=True, help="cluster profile YAML (see slurm/profiles/)")
+    sb.add_argument("--profile", required=True,
+                    help="cluster profile: a YAML path or a shipped name (`latentforge shipped` lists them)")
     sb.add_argument("--target", default=None, help="eval: RUN_DIR or export to evaluate")
     sb.add_argument("--wait", action="store_true", help="block until the job finishes")
     sb.add_argument("--num-tasks", type=int, default=None,
@@ -123,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     rc = rsub.add_parser("compare", help="table of an experiment's runs")
     rc.add_argument("rest", nargs=argparse.REMAINDER)
+    rs = rsub.add_parser("sync", help="deliver the records that jobs of a run could not send to MLflow "
+                                      "(RUN_DIR/tracking and its stand-alone evals')")
+    rs.add_argument("run_dir")
+    rs.add_argument("--uri", default=None, help="tracking URI (default: the one each job used)")
+
+    sh = sub.add_parser("shipped", help="the cluster profiles and sbatch templates this install ships, and where")
+    sh.add_argument("kind", nargs="?", choices=["profile", "template"], help="print the path of one")
+    sh.add_argument("name", nargs="?", help="its name (local, gpu-8x, train, ...)")
 
     dm = sub.add_parser("demo", help="synth -> precompute -> train (2 ranks) -> eval -> export on the tiny preset")
     dm.add_argument("--run-root", default="runs", help="where data, runs and the MLflow store go")
@@ -188,17 +207,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from latentforge import spawn
 
     if spawn.should_spawn(cfg.nproc):
+        from latentforge.training.loop import preflight
+
+        preflight(cfg)  # init_from/LoRA against the latents, the latent set of a resume: before any rank starts
         argv = ["train"] + (["--config", args.config] if args.config else []) + \
                (["--preset", args.preset] if args.preset else []) + list(args.overrides) + [f"nproc={cfg.nproc}"]
         return spawn.spawn(argv, cfg.nproc)
+    from latentforge import dist
     from latentforge.env import apply, discover
 
     apply(discover())
     from latentforge.eval.evaluate import Evaluator
     from latentforge.training.loop import train
 
-    result = train(cfg, make_evaluator=Evaluator)
-    return spawn.REQUEUE_EXIT_CODE if result.preempted else 0
+    try:
+        result = train(cfg, make_evaluator=Evaluator)
+    finally:
+        # Leave the process group before interpreter exit, on errors too: a backend left to
+        # the C++ destructors at exit can abort the process ("terminate called without an
+        # active exception", exit 134/250) after the error line, hiding the exit code.
+        dist.destroy()
+    if not result.preempted:
+        return 0
+    from latentforge.training.control import exit_code_for_stop
+
+    return exit_code_for_stop()  # 130 after Ctrl-C, else the requeue code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -210,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from latentforge.training.export import export
 
-    out = export(args.run_dir, args.out, tag=args.tag)
+    out = export(args.run_dir, args.out, tag=args.tag, merge_lora=args.merge_lora)
     print(f"exported to {out}")
     return 0
 
@@ -227,7 +260,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--size/--crop: expected HEIGHTxWIDTH and TOP,LEFT, got {args.size!r}, {args.crop!r}")
     path = sample_from_export(args.model, args.prompt, args.out, n=args.n, steps=args.steps,
                               cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw,
-                              size=size, crop=crop)
+                              size=size, crop=crop, init_image=args.init_image, mask=args.mask,
+                              strength=args.strength)
     print(f"wrote {path}")
     return 0
 
@@ -282,9 +316,41 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.runs_command == "sync":
+        from latentforge.training.tracking import sync
+
+        results = sync(args.run_dir, uri=args.uri)
+        for r in results:
+            print(f"{r.spool}: run {r.run_id or '(not created)'}: {r.delivered} records delivered"
+                  + (f", {r.left} still waiting (the store is unreachable?)" if r.left else "")
+                  + "".join(f"; {n}" for n in r.notes))
+        if not results:
+            print(f"{args.run_dir}: nothing waiting to be delivered")
+        return 1 if any(r.left for r in results) else 0
     from latentforge.training.runs import main as runs_main
 
     return runs_main(args.rest)
+
+
+def cmd_shipped(args: argparse.Namespace) -> int:
+    from latentforge.launch import profiles
+
+    if args.kind is None:
+        for title, folder, suffix in (("profiles (--profile NAME)", profiles.PROFILES_DIR, ".yaml"),
+                                      ("sbatch templates (sbatch PATH ...)", profiles.TEMPLATES_DIR, ".sbatch")):
+            print(f"{title}: {folder}")
+            for name, path in profiles.shipped(folder, suffix).items():
+                print(f"  {name:<18} {path}")
+        return 0
+    if not args.name:
+        raise ValueError(f"shipped {args.kind}: give a name (`latentforge shipped` lists them)")
+    if args.kind == "profile":
+        path = profiles.find_profile(args.name)
+        profiles.load_profile(path)  # a shipped profile that does not validate is a bug: say so here
+    else:
+        path = profiles.find_template(args.name)
+    print(path.resolve())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -296,7 +362,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 HANDLERS = {
     "precompute": cmd_precompute, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
     "sample": cmd_sample, "submit": cmd_submit, "status": cmd_status, "runs": cmd_runs, "demo": cmd_demo,
-    "ckpt": cmd_ckpt,
+    "ckpt": cmd_ckpt, "shipped": cmd_shipped,
 }
 
 
@@ -331,6 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"latentforge: {e} (set LATENTFORGE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command took SIGINT over (start-up): one line, not a traceback
+        if os.environ.get("LATENTFORGE_DEBUG"):
+            raise
+        print("latentforge: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ imported inside `__call__`, on the compute node. A job re-resolves its config at
 finds `RUN_DIR/checkpoints/latest` itself: nothing pickled at submit time is trusted for
 resume, so a requeued job continues from whatever the last complete checkpoint is.
 
-Preemption and time limits (DESIGN.md, guarantee 4). SLURM sends SIGUSR2 to every task
+Preemption and time limits (docs/guarantees.md, 4). SLURM sends SIGUSR2 to every task
 `signal_delay_s` before the time limit (submitit writes `#SBATCH --signal=USR2@N`, which
 signals all job steps, not the batch shell), and on preemption where the site sends the
 user signal. submitit's own handler (core/job_environment.py, SignalHandler) runs on global
@@ -16,7 +16,7 @@ requeue kills the other ranks mid-save. So `TrainJob.__call__` replaces submitit
 and SIGTERM handlers on every rank, before anything slow, with ones that only set the
 training loop's STOP flag. The loop agrees on the flag at a step boundary, every rank saves,
 `train()` returns `preempted=True`, and only then rank 0 requeues, with submitit's own
-bookkeeping (the timeout countdown in the submitted pickle, `JobEnvironment._requeue`):
+bookkeeping (the timeout countdown in the submitted pickle, its requeue; launch/submitit_compat.py):
 
 - SIGUSR2 (pre-timeout or preemption warning): checkpoint, then requeue unless submitit's
   maximum number of timeouts (the profile's `max_num_timeout`) is used up; then the job
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentforge.launch import submitit_compat
 from latentforge.log import ALL_RANKS, get_logger
 from latentforge.log import configure as configure_logging
 from latentforge.spawn import REQUEUE_EXIT_CODE
@@ -79,17 +80,39 @@ class RequeueRefused(RuntimeError):
     """A preempted job that will not be requeued; the message says why."""
 
 
-def submitit_timed_out(walltime_s: float, timeout_min: float) -> bool:
-    """submitit 1.5.4's rule (SignalHandler.has_timed_out): a signal counts as a timeout once
-    the job ran min(80 % of its limit, limit - 10 min). So with a limit of 10 minutes or
-    less every signal is a timeout and uses up one of `max_num_timeout`."""
-    limit_s = timeout_min * 60
-    return walltime_s >= min(0.8 * limit_s, limit_s - 600)
+def requeue_job(job: Any, home: Path, done: str, walltime_s: float, hint: str) -> None:
+    """Rank 0, after every rank stopped: submitit's requeue with its timeout countdown (what
+    its SignalHandler.checkpoint_and_try_requeue does, after the save instead of in the
+    signal handler; launch/submitit_compat.py). `done` says what was saved, `hint` what to do
+    when refused. The submitted pickle is read only from the job's folder under `home`
+    (records.trusted_pickle)."""
+    import submitit
+
+    from latentforge.launch.records import trusted_pickle
+
+    jenv = submitit.JobEnvironment()
+    paths = jenv.paths
+    timeout_min, left = submitit_compat.submitted_timeout(trusted_pickle(paths.submitted_pickle, paths.folder, home))
+    timed_out = submitit_compat.timed_out(walltime_s, timeout_min)
+    countdown = left - int(timed_out)
+    reason = requeue_refusal(countdown)
+    if reason:
+        raise RequeueRefused(f"job {jenv.job_id} not requeued: {reason}. {hint}")
+    # The same job: it finds its state by itself.
+    submitit_compat.rewrite_submission(paths.submitted_pickle, job, timeout_min, countdown)
+    log.info(f"{'timed out' if timed_out else 'preempted'}: {done}; requeueing job {jenv.job_id} "
+             f"({countdown} timeout(s) left)")
+    submitit_compat.requeue(jenv, countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144
+    sys.exit(REQUEUE_EXIT_CODE)
+
+
+def stopped_by(signums: set[int]) -> str:
+    return ", ".join(signal.Signals(s).name for s in sorted(signums)) or "a stop signal"
 
 
 def requeue_refusal(countdown: int) -> str:
     """Why a stopped job must not be requeued ("" = requeue it). `countdown`: timeouts left
-    after this stop (submitit's `_timeout_countdown`, minus one if this stop was a timeout)."""
+    after this stop (submitit's countdown, minus one if this stop was a timeout)."""
     if countdown < 0:
         return ("it reached its time limit more times than the profile's max_num_timeout allows "
                 "(raise it, or time_min, for a longer run)")
@@ -122,12 +145,6 @@ def _latest_step(run_dir: Path) -> int:
 
     tag = ckpt_layout.latest_tag(run_dir)
     return int(ckpt_layout.meta(run_dir, tag)["step"]) if tag else 0
-
-
-def _delayed(fn: Any, *args: Any) -> Any:
-    from submitit.helpers import DelayedSubmission
-
-    return DelayedSubmission(fn, *args)
 
 
 @dataclass(frozen=True)
@@ -173,38 +190,16 @@ class TrainJob:
                      extra=ALL_RANKS)
             sys.exit(REQUEUE_EXIT_CODE)
         if signal.SIGUSR2 not in signums:
-            names = ", ".join(signal.Signals(s).name for s in sorted(signums)) or "a stop signal"
             raise RequeueRefused(
-                f"stopped by {names} at step {result.step} (checkpoint written in {run_dir}); SIGTERM comes from "
+                f"stopped by {stopped_by(signums)} at step {result.step} (checkpoint written in {run_dir}); SIGTERM comes from "
                 f"scancel, or from a SLURM preemption that requeues the job by itself, so the job does not "
                 f"requeue itself. Resubmit the same command to resume.")
         self._requeue(result.step, time.time() - t_start)
         raise AssertionError("unreachable: _requeue exits")  # pragma: no cover
 
     def _requeue(self, step: int, walltime_s: float) -> None:
-        """Rank 0, after every rank saved: submitit's requeue with its timeout countdown
-        (what its SignalHandler.checkpoint_and_try_requeue does, after the save instead of
-        in the signal handler)."""
-        import submitit
-        from submitit.core import utils as su
-
-        jenv = submitit.JobEnvironment()
-        paths = jenv.paths
-        current = su.DelayedSubmission.load(paths.submitted_pickle)
-        timed_out = submitit_timed_out(walltime_s, current._timeout_min)
-        countdown = current._timeout_countdown - int(timed_out)
-        reason = requeue_refusal(countdown)
-        if reason:
-            raise RequeueRefused(f"job {jenv.job_id} not requeued: {reason}. The checkpoint at step {step} is in "
-                                 f"{self.run_dir}; resubmit the same command to continue.")
-        nxt = su.DelayedSubmission(self)  # the same job: it finds `latest` by itself
-        nxt.set_timeout(current._timeout_min, countdown)
-        with su.temporary_save_path(paths.submitted_pickle) as tmp:
-            nxt.dump(tmp)
-        log.info(f"{'timed out' if timed_out else 'preempted'}: checkpointed at step {step}; requeueing job "
-                 f"{jenv.job_id} ({countdown} timeout(s) left)")
-        jenv._requeue(countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144, the controller restarts
-        sys.exit(REQUEUE_EXIT_CODE)
+        requeue_job(self, Path(self.run_dir), f"checkpointed at step {step}", walltime_s,
+                    f"The checkpoint at step {step} is in {self.run_dir}; resubmit the same command to continue.")
 
     def checkpoint(self) -> Any:
         """submitit's hook (rank 0, inside its signal handler). Reached only if the signal
@@ -213,30 +208,46 @@ class TrainJob:
         loop = sys.modules.get("latentforge.training.loop")
         if loop is not None:
             loop.STOP.set(signal.SIGUSR2)
-        return _delayed(self)
+        return submitit_compat.delayed(self)
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Stand-alone evaluation (`latentforge eval TARGET`) as a job. It writes nothing
-    partial, so on a timeout or preemption submitit's own handler requeues it as it is and
-    it starts over (within max_num_timeout)."""
+    """Stand-alone evaluation (`latentforge eval TARGET`) as a job. Like TrainJob it takes
+    SIGUSR2/SIGTERM over on every rank: the eval stops at the next batch boundary on all
+    ranks, marks its MLflow run KILLED, and rank 0 requeues the job on SIGUSR2 (within
+    max_num_timeout); the requeued job starts the eval over (it writes nothing partial)."""
 
     source: ConfigSource
     target: str  # RUN_DIR or an export directory (absolute)
 
     def __call__(self) -> int:
+        t_start = time.time()
+        take_over_stop_signals()  # before any slow import: a USR2 now is only recorded
         configure_logging()
         self.source.enter()
+        from latentforge.training.control import STOP  # late: torch
+
+        hand_over_to(STOP)
         from latentforge.eval.standalone import main  # late: another module's heavy imports
 
         code = main(self.target, self.source.preset, self.source.config_file, list(self.source.overrides))
+        if code == REQUEUE_EXIT_CODE:  # every rank stopped at the same batch boundary
+            from latentforge.env import discover
+
+            if discover().rank != 0:
+                sys.exit(REQUEUE_EXIT_CODE)  # rank 0 decides, on the signal it saw
+            if STOP.signum != signal.SIGUSR2:
+                raise RequeueRefused(f"eval of {self.target} stopped by {stopped_by({STOP.signum} - {None})}; "
+                                     f"resubmit the same command to run it")
+            requeue_job(self, Path(self.target), "the eval stopped at a batch boundary (it starts over)",
+                        time.time() - t_start, "Resubmit the same command to run the eval.")
         if code:
             raise RuntimeError(f"eval of {self.target} exited with code {code}; see this task's log")
         return code
 
     def checkpoint(self) -> Any:
-        return _delayed(self)
+        return submitit_compat.delayed(self)
 
 
 @dataclass(frozen=True)
@@ -262,4 +273,4 @@ class PrecomputeJob:
         return {k: v for k, v in summary.items() if isinstance(v, (int, str))}
 
     def checkpoint(self, task_index: int) -> Any:
-        return _delayed(self, task_index)
+        return submitit_compat.delayed(self, task_index)

@@ -2,7 +2,11 @@
 
 A profile names the executor (`slurm`, or `local` processes on this machine) and the
 resources a job asks for. `slurm/profiles/*.yaml` holds the shipped ones; a profile is
-passed by path or by name (`local` -> `slurm/profiles/local.yaml`).
+passed by path or by name (`local` -> `slurm/profiles/local.yaml`). The shipped profiles and
+the plain sbatch templates (`slurm/templates/*.sbatch`, `find_template`) are package data,
+found through importlib.resources: the repository's slurm/ in a checkout or an editable
+install (through the latentforge/slurm link), latentforge/slurm/ inside an installed wheel.
+`latentforge shipped` lists them with their paths.
 
 ```yaml
 executor: slurm            # slurm | local
@@ -42,11 +46,15 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# Editable installs keep the repository's slurm/ folder next to launch/.
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
+# Package data (see the module docstring). A wheel installed by pip lies on the filesystem,
+# so the resource folder is a real path that sbatch and yaml can read.
+SLURM_DIR = Path(str(resources.files("latentforge").joinpath("slurm"))).resolve()
+PROFILES_DIR = SLURM_DIR / "profiles"
+TEMPLATES_DIR = SLURM_DIR / "templates"
 
 EXECUTORS = ("slurm", "local")
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "additional_parameters")
@@ -249,6 +257,24 @@ def find_profile(name_or_path: str | os.PathLike) -> Path:
         raise ProfileError(f"profile {str(name_or_path)!r}: no such file, and not a profile in "
                            f"{PROFILES_DIR} (known: {known})")
     raise ProfileError(f"profile file not found: {p}")
+
+
+def shipped(folder: Path, suffix: str) -> dict[str, Path]:
+    """name -> path of the shipped files in `folder` (PROFILES_DIR or TEMPLATES_DIR)."""
+    return {p.stem: p for p in sorted(folder.glob(f"*{suffix}"))}
+
+
+def find_template(name_or_path: str | os.PathLike) -> Path:
+    """A path as given if it exists, else the shipped `TEMPLATES_DIR/<name>.sbatch`."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = TEMPLATES_DIR / (p.name if p.suffix == ".sbatch" else f"{p.name}.sbatch")
+    if p.name == str(name_or_path) and candidate.is_file():
+        return candidate
+    known = ", ".join(shipped(TEMPLATES_DIR, ".sbatch")) or "none"
+    raise ProfileError(f"sbatch template {str(name_or_path)!r}: no such file, and not a template in {TEMPLATES_DIR} "
+                       f"(known: {known})")
 
 
 def load_profile(path: str | os.PathLike) -> Profile:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from latentforge.launch import records as jobrec
+from latentforge.launch import submitit_compat
 from latentforge.launch.jobs import ConfigSource, EvalJob, PrecomputeJob, TrainJob
 from latentforge.launch.profiles import Profile, find_profile, load_profile
 
@@ -127,8 +128,12 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
         if target:
             raise SubmitError("--target is for `submit eval`")
         _world_check(cfg, prof, where)
+        if cfg.model.init_from or cfg.resolved_run_dir.is_dir():
+            from latentforge.training.loop import preflight
+
+            preflight(cfg)  # model.init_from against the latents, a resume on another latent set
         run_dir = cfg.resolved_run_dir.resolve()
-        busy = jobrec.active_jobs(jobrec.read_records(run_dir / jobrec.JOBS_FILE))
+        busy = jobrec.active_jobs(jobrec.read_records(run_dir / jobrec.JOBS_FILE), run_dir)
         if busy:
             jid, st = busy[0]
             raise SubmitError(f"{run_dir}: job {jid} is still {st} in this run directory; two jobs would write the "
@@ -168,7 +173,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
             raise SubmitError(f"--task-index: {task_index} is outside 0..{num_tasks - 1}")
         indices = [task_index]
     elif resubmit_failed:
-        busy = jobrec.active_jobs(previous)
+        busy = jobrec.active_jobs(previous, jobs_dir)
         if busy:
             raise SubmitError(f"precompute job {busy[0][0]} is still {busy[0][1]}; wait for the array to end "
                               f"before resubmitting its failed tasks")
@@ -233,9 +238,13 @@ def describe(sub: Submission) -> str:
     ])
 
 
+def _tasks(job: Any) -> list[Any]:
+    """The job's tasks (a multi-task job has one sub-job per task; else the job itself)."""
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
 def _result_files(job: Any) -> list[Path]:
-    subs = getattr(job, "_sub_jobs", None) or [job]
-    return [s.paths.result_pickle for s in subs]
+    return [t.paths.result_pickle for t in _tasks(job)]
 
 
 def _terminal(job: Any, state: str) -> bool:
@@ -257,7 +266,7 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
         still = []
         for job in pending:
             state = job.state if job.__class__.__name__ == "LocalJob" else \
-                job.watcher.get_state(job.job_id, mode="force" if job is pending[0] else "cache")
+                submitit_compat.job_state(job, force=job is pending[0])
             if last.get(job.job_id) != state and state != "UNKNOWN":  # UNKNOWN: sacct has not seen it yet
                 out(f"[submit] job {job.job_id}: {state}")
                 last[job.job_id] = state
@@ -272,7 +281,7 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
             time.sleep(poll_s)  # polling interval: sacct has no way to notify us
     code = 0
     for job in sub.jobs:
-        msg = job_failure(job)
+        msg = job_failure(job, sub.record_file.parent)
         if msg:
             code = 1
             out(f"[submit] job {job.job_id} failed:\n{msg}")
@@ -283,14 +292,19 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
     return code
 
 
-def job_failure(job: Any) -> str:
+def job_failure(job: Any, home: Path) -> str:
     """"" for a job whose every task returned, else the reason (the task's traceback tail,
-    or the scheduler state of a job that left no result)."""
-    for sj in getattr(job, "_sub_jobs", None) or [job]:
+    or the scheduler state of a job that left no result). `home` holds the job's record;
+    a result pickle is read only from the job's own folder under it (records.trusted_pickle)."""
+    for sj in _tasks(job):
         if not sj.paths.result_pickle.exists():
             state = sj.state
             tail = jobrec.tail_lines(sj.paths.stderr, 15)
             return f"  task {sj.task_id}: ended {state} without a result\n{tail}"
+        try:
+            jobrec.trusted_pickle(sj.paths.result_pickle, sj.paths.folder, home)
+        except jobrec.UntrustedPickle as e:
+            return f"  task {sj.task_id}: {e}"
         exc = sj.exception()
         if exc is not None:
             lines = str(exc).strip().splitlines()

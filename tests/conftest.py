@@ -133,3 +133,28 @@ def train_run(tiny_data):
         return done[key]
 
     return run
+
+
+# ---------------------------------------------------------------------------------------
+# A briefly trained source model for fine-tuning, stages, LoRA and inpainting tests: the
+# tiny preset's own x0 objective (flat shapes are quick to learn), one rank, MLflow on.
+SRC_OVERRIDES = ("diffusion.prediction=sample", "diffusion.zero_terminal_snr=true", "optim.lr=3e-3",
+                 "optim.warmup_steps=50", "optim.decay=cosine", "optim.min_lr_ratio=0.1",
+                 "train.global_batch_size=64", "train.max_steps=100", "train.ckpt_every_steps=50",
+                 "train.log_every=25", "tracking.enabled=true")
+
+
+@pytest.fixture(scope="session")
+def src_run(train_run):
+    """(run_dir, log): the source run (SRC_OVERRIDES on tiny_data)."""
+    return train_run("src", *SRC_OVERRIDES, nproc=1)
+
+
+@pytest.fixture(scope="session")
+def src_export(src_run, tmp_path_factory):
+    """A `latentforge export` of src_run (pixel codec: unet/ raw, unet_ema/ EMA)."""
+    from latentforge.launch.cli import main
+
+    out = tmp_path_factory.mktemp("src_export") / "model"
+    assert main(["export", str(src_run[0]), "--out", str(out)]) == 0
+    return out

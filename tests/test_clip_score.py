@@ -87,6 +87,8 @@ def test_score_matches_direct_computation(saved: dict, how: str) -> None:
     assert (cos > 0).any() and (cos < 0).any()  # the clamp is exercised on both sides
     got = scorer.score(images, PROMPTS)
     assert got.shape == (8,)
+    # The same fp32 ops on the same batch, loaded independently: cosines a few ulps (1e-7)
+    # apart at most, times 100.
     torch.testing.assert_close(got, 100 * cos.clamp(min=0), rtol=0, atol=1e-5)
 
 
@@ -97,7 +99,10 @@ def test_pil_and_tensor_inputs_agree_and_clip_score_is_the_mean(saved: dict) -> 
     images = _images()
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
     per_pair = scorer.score(images, PROMPTS)
+    # Tensors become PIL images first: identical pixels, identical ops, so bitwise in practice.
     torch.testing.assert_close(scorer.score(pil, PROMPTS), per_pair, rtol=0, atol=1e-6)
+    # Batches of 3 instead of 8 (other kernel blocking): scores of ~10-100 a few fp32 ulps
+    # apart, then a mean in fp64: 1e-5 absolute.
     assert cs.clip_score(scorer, images, PROMPTS, batch_size=3) == pytest.approx(float(per_pair.double().mean()),
                                                                                  abs=1e-5)
     with pytest.raises(ValueError, match="prompts"):
@@ -181,4 +186,5 @@ def test_two_ranks_average_over_all_pairs(saved: dict, tmp_path: Path) -> None:
         assert p.returncode == 0, out
     want = float((100 * _direct_scores(saved["model"], images, prompts).clamp(min=0)).double().mean())
     for r in range(2):
+        # Pairs split over 2 ranks (other batches), fp64 sum and count reduced: as above.
         assert torch.load(tmp_path / f"rank{r}.pt")["value"] == pytest.approx(want, abs=1e-5)

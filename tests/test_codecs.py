@@ -115,6 +115,8 @@ def test_vae_encode_decode_shapes_and_values(vae_dir: Path) -> None:
     with torch.no_grad():
         post = ref.encode(x).latent_dist
         dec = ref.decode(post.mean).sample
+    # The same fp32 ops on the same machine: the mean and decode are bitwise equal. std is
+    # exp(0.5 logvar) here and diffusers' own exp of the same values: at most a few ulps apart.
     torch.testing.assert_close(mean, post.mean, rtol=0, atol=0)
     torch.testing.assert_close(std, post.std, rtol=1e-6, atol=1e-7)
     out = codec.decode(mean)
@@ -125,6 +127,7 @@ def test_vae_encode_decode_shapes_and_values(vae_dir: Path) -> None:
 
 def test_vae_scale_shift_from_config_or_vae(tmp_path: Path, vae_dir: Path) -> None:
     codec = build_codec(CodecConfig(kind="vae", path=str(vae_dir)))
+    # Config values read back (decimal -> float): approx's default 1e-6 relative.
     assert (codec.scale, codec.shift) == (pytest.approx(0.18215), 0.0)  # SD VAE: shift_factor None -> 0
     codec = build_codec(CodecConfig(kind="vae", path=str(vae_dir), scale=0.5, shift=0.1))
     assert (codec.scale, codec.shift) == (0.5, 0.1)
@@ -212,7 +215,8 @@ def test_vae_bf16_compute_on_cpu(vae_dir: Path) -> None:
     m32, s32 = fp32.encode(x)
     m16, s16 = bf16.encode(x)
     assert m16.dtype == s16.dtype == torch.float32
-    # bf16 keeps ~3 significant digits: close to fp32, but not equal (it really ran in bf16).
+    # bf16 keeps ~3 significant digits (rounding 4e-3 relative) through a few conv layers:
+    # close to fp32 (5 %), but not equal (it really ran in bf16).
     torch.testing.assert_close(m16, m32, rtol=0.05, atol=0.05)
     torch.testing.assert_close(s16, s32, rtol=0.05, atol=0.05)
     assert not torch.equal(m16, m32)

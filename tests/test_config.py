@@ -62,6 +62,21 @@ def test_yaml_and_toml_files(tmp_path):
     assert cfg.train.max_steps == 14 and cfg.data.resolution == 16
 
 
+def test_toml_without_tomllib_reads_with_tomli(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib; the config then reads TOML with the tomli backport (the
+    same parser, declared for Python < 3.11). Here tomllib is hidden and stands in as tomli."""
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    t = tmp_path / "c.toml"
+    t.write_text("[train]\nmax_steps = 13\n")
+    assert C.resolve(None, t).train.max_steps == 13
+    monkeypatch.setitem(sys.modules, "tomli", None)  # neither: one line that says what is missing
+    with pytest.raises(C.ConfigError, match="c.toml: TOML configs need Python 3.11\\+ or the tomli package"):
+        C.resolve(None, t)
+
+
 def test_file_errors_name_the_file_or_key(tmp_path):
     with pytest.raises(C.ConfigError, match="config file not found"):
         C.resolve(None, tmp_path / "missing.yaml")

@@ -27,6 +27,8 @@ def schedule(**kw) -> tuple[DiffusionConfig, D.Schedule]:
 def test_linear_and_scaled_linear_closed_forms():
     b = D.make_betas("linear", 1000, 1e-4, 0.02)
     assert b.dtype == torch.float64 and b.shape == (1000,)
+    # Schedules are fp64 closed forms, a few ops deep: rel 1e-12 (and allclose's default
+    # 1e-5/1e-8) leave room for libm rounding on any CPU and still catch a wrong formula.
     assert b[0].item() == pytest.approx(1e-4, rel=1e-12) and b[-1].item() == pytest.approx(0.02, rel=1e-12)
     assert torch.allclose(b.diff(), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
 
@@ -46,6 +48,7 @@ def test_cosine_alpha_bar_formula():
     expected = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
     unclipped = b < 0.999
     assert unclipped[: T - 1].all() and not unclipped[-1]  # only the last beta hits the cap
+    # A cumulative product over up to 1000 fp64 factors: ~1000 roundings of 1e-16 each.
     assert torch.allclose(ac[unclipped], expected[unclipped], rtol=1e-10, atol=1e-14)
     assert b.max().item() == pytest.approx(0.999)
 
@@ -68,6 +71,7 @@ def test_zero_terminal_snr_rescale(kind):
     assert ac2[0].item() == pytest.approx(ac[0].item(), rel=1e-12)
     assert (ac2.diff() < 0).all()  # still strictly decreasing
     # Algorithm 1's closed form: sqrt(ac) shifted by its last value, scaled to keep the first.
+    # fp64 through a 1000-step cumulative product and a sqrt: 1e-12 absolute on values <= 1.
     a, a0, aT = ac.sqrt(), ac[0].sqrt(), ac[-1].sqrt()
     assert torch.allclose(ac2.sqrt(), (a - aT) * a0 / (a0 - aT), atol=1e-12)
 
@@ -111,6 +115,7 @@ def test_add_noise_closed_form():
     x_t = D.add_noise(x0, eps, t, sch)
     for i in range(3):
         ac = sch.alphas_cumprod[t[i]].item()
+        # fp32 tensors, two multiplies and an add on unit-scale values: a few fp32 ulps (1e-7).
         assert torch.allclose(x_t[i], ac**0.5 * x0[i] + (1 - ac) ** 0.5 * eps[i], atol=1e-6)
 
 
@@ -128,6 +133,8 @@ def test_target_and_back_conversion_recover_x0_and_eps(prediction, zero_terminal
         a, s = D.coef(sch.alpha(t), x0), D.coef(sch.sigma(t), x0)
         assert torch.allclose(out, a * eps - s * x0)
     x0_hat, eps_hat = D.pred_to_x0_eps(prediction, out, x_t, t, sch)
+    # fp64 round trip; dividing by alpha (smallest at t=999, about 0.07) amplifies 1e-16
+    # roundings to ~1e-14, far below 1e-8.
     assert torch.allclose(x0_hat, x0, atol=1e-8)
     assert torch.allclose(eps_hat, eps, atol=1e-8)
 
@@ -140,6 +147,7 @@ def test_flow_matching_interpolation_target_and_conversion():
     tau = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     t = tau * 1000  # the model's timestep input
     x_t = D.add_noise(x0, eps, t, sch)
+    # fp64, one multiply-add: allclose's default (1e-5, 1e-8) is loose; the equalities are exact.
     assert torch.allclose(x_t, (1 - tau).view(-1, 1, 1, 1) * x0 + tau.view(-1, 1, 1, 1) * eps)
     assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[2], eps[2])
     u = D.target("v", x0, eps, t, sch)
@@ -190,9 +198,12 @@ def test_offset_noise_statistics():
     noise = D.offset_noise((n, c, h, w), k, gen(4))
     assert noise.shape == (n, c, h, w) and noise.dtype == torch.float32
     per_channel_mean = noise.mean(dim=(2, 3))  # (N, C): offset + mean of 64 unit normals
+    # Sampling error, not rounding: a variance from 8000 draws has relative sd sqrt(2/8000)
+    # = 1.6 %, so 5 % is 3 sd (the seed is fixed, so the draw is the same on every machine).
     assert per_channel_mean.var().item() == pytest.approx(k**2 + 1 / (h * w), rel=0.05)
     # Within a channel the offset cancels: the residual is unit white noise.
     resid = noise - per_channel_mean[..., None, None]
+    # 512,000 draws: relative sd of the variance 0.2 %; 2 % is ten of them.
     assert resid.var().item() == pytest.approx(1 - 1 / (h * w), rel=0.02)
     assert torch.equal(D.offset_noise((2, 3, 4, 4), 0.0, gen(5)), torch.randn(2, 3, 4, 4, generator=gen(5)))
     with pytest.raises(ValueError, match="CPU torch.Generator"):
@@ -266,6 +277,8 @@ def test_loss_fn_matches_manual_recomputation(kw):
     snr = (a**2 / s**2).flatten()
     w = D.min_snr_weight(snr, cfg.min_snr_gamma, cfg.prediction) if cfg.objective == "ddpm" else 1.0
     assert torch.equal(out["t"], t)
+    # The loss is reduced in fp32 over 32 elements, the reference in fp64: rtol 1e-5 is
+    # ~100 fp32 ulps, room for any summation order.
     assert torch.allclose(out["mse"].double(), mse, rtol=1e-5)
     assert torch.allclose(out["per_sample"].double(), w * mse, rtol=1e-5)
     assert out["loss"].item() == pytest.approx((w * mse).mean().item(), rel=1e-5)
@@ -282,7 +295,8 @@ def test_loss_fn_mask_semantics():
     assert zero["loss"].item() == 0.0
     mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
     part = D.loss_fn(net, x0, cond, cfg, sch, gen(11), mask=mask)
-    # Divided by N (6), not by mask.sum() (3): padded samples count as zeros.
+    # Divided by N (6), not by mask.sum() (3): padded samples count as zeros. The same fp32
+    # values summed in another order: rel 1e-6 is ~8 ulps; the wrong divisor is off by 2x.
     assert part["loss"].item() == pytest.approx((full["per_sample"] * mask).sum().item() / 6, rel=1e-6)
     assert part["loss"].item() != pytest.approx((full["per_sample"] * mask).sum().item() / 3, rel=1e-3)
     with pytest.raises(ValueError, match="mask"):
@@ -341,7 +355,7 @@ def test_heldout_loss_oracle_is_zero_and_zero_model_gives_target_power(kw):
 
     res = D.heldout_loss(oracle, x0, None, cfg, sch, 4, gen(16))
     assert list(res) == ["loss_t125", "loss_t375", "loss_t625", "loss_t875"]
-    assert all(v < 1e-9 for v in res.values()), res
+    assert all(v < 1e-9 for v in res.values()), res  # squared fp32 rounding of unit values: ~1e-14
 
     # A network that outputs 0 scores the mean square of the target at each bucket,
     # computed from the same (shared) noise draw.
@@ -350,6 +364,7 @@ def test_heldout_loss_oracle_is_zero_and_zero_model_gives_target_power(kw):
     for tb in (125, 375, 625, 875):
         t = torch.full((8,), tb, dtype=torch.long if cfg.objective == "ddpm" else torch.float32)
         expected = (D.target(sch.prediction, x0, eps, t, sch) ** 2).mean().item()
+        # An fp32 mean of 256 squares, reduced in another order: rel 1e-5 (~100 ulps).
         assert res0[f"loss_t{tb}"] == pytest.approx(expected, rel=1e-5)
 
 

@@ -78,6 +78,8 @@ def test_sweep_on_an_export_logs_a_nested_run_with_the_curve(tiny_eval_run, expo
     # At eval.cfg_scale the EMA export reproduces the training run's final periodic eval:
     # same weights, same fixed noise, same reference statistics.
     trained = client.get_run(training_id).data.metrics
+    # The same images through fp32 networks in other batches (Inception: ~50 layers, ~1e-5
+    # relative), then fp64 statistics: rel 1e-4.
     for name in ("eval/fid_randinit", "eval/clip_score_randinit"):
         assert run.data.metrics[name] == pytest.approx(trained[name], rel=1e-4), name
 
@@ -116,11 +118,14 @@ def test_two_ranks_give_the_one_rank_numbers(tiny_eval_run, export_dir, one_rank
     assert sweep["world_size"] == 2
     (row,) = sweep["rows"]
     assert row["cfg_scale"] == 3.0
+    # Two ranks instead of one: the same samples, fp32 features in other batches, fp64
+    # statistics reduced across ranks: rel 1e-4 (as above).
     for name in ("eval/fid_randinit", "eval/clip_score_randinit", "eval/shape_adherence"):
         assert row[name] == pytest.approx(single[3.0][name], rel=1e-4), name
     # (The held-out loss draws its noise per rank, so it depends on the layout: not compared.)
     run = _mlflow(root).get_run(sweep["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    # The same double in sweep.json and in MLflow.
     assert run.data.metrics["eval/fid_randinit"] == pytest.approx(row["eval/fid_randinit"], rel=1e-12)
 
 
@@ -137,7 +142,7 @@ def test_without_fid_clip_score_comes_from_the_grid(tiny_eval_run) -> None:
     protocol = json.loads((result.out_dir / "eval" / "protocol_step_00000010_cfg_3.json").read_text())
     assert protocol["fid"] == {"skipped": "eval.fid_num_images=0"}
     assert protocol["clip_score"]["set"].startswith("sample grid") and protocol["clip_score"]["pairs"] == 2
-    assert protocol["clip_score"]["value"] == pytest.approx(row["eval/clip_score_randinit"])
+    assert protocol["clip_score"]["value"] == pytest.approx(row["eval/clip_score_randinit"])  # one double, twice
     assert "eval/loss_t250" in result.heldout
 
 

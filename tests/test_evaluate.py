@@ -70,6 +70,8 @@ def test_frechet_distance_on_singular_covariances_equals_the_full_formulation() 
         ev = scipy.linalg.eigvalsh(root @ s2 @ root)
         want = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum()
         got = fid.frechet_distance(m1, s1, m2, s2)
+        # fp64, the same formula through another eigensolver; with n < d the covariances are
+        # singular and the square roots lose digits (~1e-10 left of 1e-16): rel 1e-6.
         assert got == pytest.approx(want, rel=1e-6), (n1, n2, d)
 
 
@@ -106,6 +108,7 @@ def test_periodic_eval_logs_randinit_names_and_the_protocol(tiny_eval_run) -> No
                                "objective": "ddpm", "prediction": "eps"}
     f = p10["fid"]
     assert (f["metric"], f["count"], f["resolution"]) == ("eval/fid_randinit", 4, 32)
+    # The same double written to the protocol JSON and to MLflow (both keep doubles).
     assert f["value"] == pytest.approx(fids[10], rel=1e-9)
     assert f["inception"]["random_init"] is True and f["inception"]["weights"] is None
     assert f["inception"]["weights_sha256"] == fid.load_inception(None, "cpu").weights_sha256

@@ -52,6 +52,8 @@ def test_mean_cov_matches_numpy() -> None:
     xf = x.float().double().numpy()
     assert stats.count == 300
     assert mu.dtype == sigma.dtype == torch.float64
+    # fp64 sums of 300 rows in another order: 1e-12. The covariance from summed outer
+    # products (minus n mu mu^T) loses digits to cancellation, numpy's does not: 1e-9.
     np.testing.assert_allclose(mu.numpy(), xf.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma.numpy(), np.cov(xf, rowvar=False, ddof=1), rtol=1e-9, atol=1e-12)
 
@@ -60,8 +62,11 @@ def test_fid_of_a_set_with_itself_is_zero() -> None:
     stats = fid.FeatureStats(32)
     stats.update(_features(200, 32, seed=1))
     mu, sigma = stats.mean_cov()
+    # fp64 trace(2 sigma - 2 sqrtm(sigma sigma)) of a well-conditioned 32x32 matrix: the
+    # cancellation leaves ~1e-14 of the trace; 1e-9 allows any LAPACK.
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * float(sigma.trace())
-    # Fewer samples than dimensions: a singular covariance, still ~0 and finite.
+    # Fewer samples than dimensions: a singular covariance, still ~0 and finite (the matrix
+    # square root of a rank-4 matrix is ill-conditioned: 1e-5 of the trace).
     few = fid.FeatureStats(32)
     few.update(_features(5, 32, seed=2))
     mu, sigma = few.mean_cov()
@@ -78,8 +83,11 @@ def test_fid_matches_scipy_reference(shift: float, scale: float) -> None:
     got = fid.fid_from_stats(a, b)
     want = _reference_fid(x.numpy(), y.numpy())
     assert want > 0.01  # two different sets
+    # fp64 both, but another algorithm (scipy's Schur sqrtm on the product versus ours) and
+    # another summation order: 1e-3 absolute on FIDs of 0.01-10 is far above fp64 rounding
+    # and far below what a wrong term would cost.
     assert abs(got - want) < 1e-3, (got, want)
-    # Symmetric in its arguments.
+    # Symmetric in its arguments (the same fp64 ops on swapped inputs: ~1e-12 relative).
     assert abs(fid.fid_from_stats(b, a) - got) < 1e-9 * max(1.0, got)
 
 
@@ -92,6 +100,7 @@ def test_state_dict_roundtrip_and_merge_equal_a_single_pass() -> None:
     b.update(x[33:])
     merged = fid.FeatureStats.from_state_dict(a.state_dict()).merge(b)
     assert merged.count == whole.count == 90
+    # The same fp64 sums, grouped 33 + 57 instead of 90: a few fp64 ulps.
     torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(merged.outer, whole.outer, rtol=1e-12, atol=1e-12)
 
@@ -187,6 +196,7 @@ def test_two_ranks_sharded_equals_single_pass_and_share_the_cache(tmp_path: Path
         for name in ("stats", "a", "b"):
             st = res[name]
             assert st["count"] == 20
+            # fp64 sums over ranks (an all-reduce) versus one pass: a few fp64 ulps.
             torch.testing.assert_close(st["sum"], single.sum, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(st["outer"], single.outer, rtol=1e-12, atol=1e-12)
         assert (res["hit_a"], res["hit_b"]) == (False, True)
@@ -195,6 +205,7 @@ def test_two_ranks_sharded_equals_single_pass_and_share_the_cache(tmp_path: Path
     assert torch.equal(r0["b"]["outer"], r1["b"]["outer"])
     mu, sigma = fid.FeatureStats.from_state_dict(r0["stats"]).mean_cov()
     mu1, sigma1 = single.mean_cov()
+    # fp64 statistics equal to a few ulps (above): FID ~1e-12; 1e-9 allows any LAPACK.
     assert abs(fid.frechet_distance(mu, sigma, mu1, sigma1)) < 1e-9
     # Only rank 0 wrote.
     assert len(list((tmp_path / "cache_rank0").glob("fid_ref_*.pt"))) == 1
@@ -319,11 +330,14 @@ def test_random_inception_roundtrip_through_a_saved_file(random_inception: torch
     assert feats.shape == (4, 2048) and feats.dtype == torch.float64
     assert torch.isfinite(feats).all() and feats.abs().mean() > 1e-3  # random init keeps signal
     assert (feats[0] - feats[2]).abs().max() > 1e-4  # different images, different features
-    torch.testing.assert_close(fid.image_features(loaded, imgs, batch_size=4), feats, rtol=1e-5, atol=1e-6)
+    # ~50 fp32 conv layers, batches of 4 instead of 3 (other kernel blocking): errors of a few
+    # ulps per layer, ~1e-5 relative at the end; 1e-4 leaves room, atol covers features near 0.
+    torch.testing.assert_close(fid.image_features(loaded, imgs, batch_size=4), feats, rtol=1e-4, atol=1e-6)
 
     stats = fid.FeatureStats()
     stats.update(feats)
     mu, sigma = stats.mean_cov()
+    # 4 samples in 2048 dimensions: a rank-3 covariance, whose square root is ill-conditioned.
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-4 * float(sigma.trace())
     other = fid.FeatureStats()
     other.update(fid.image_features(ext, torch.full((3, 3, 64, 64), 200, dtype=torch.uint8)

@@ -144,6 +144,7 @@ def test_two_ranks_resume_on_one_through_universal_checkpoint(tiny_data, train_r
     for key in ("exp_avg", "exp_avg_sq"):
         want = sum(float((v.double() ** 2).sum()) for k, v in saved.items() if k.endswith(key))
         got = sum(float((v.double() ** 2).sum()) for k, v in after["optimizer"].items() if k.endswith(key))
+        # The same fp32 values, squared and summed in fp64 in another partition order.
         assert want > 0 and got == pytest.approx(want, rel=1e-6), key
 
     # The loss continues where the 2-rank run was. Per-step training losses swing by 2x with
@@ -151,7 +152,7 @@ def test_two_ranks_resume_on_one_through_universal_checkpoint(tiny_data, train_r
     # (A restarted Adam does not show here at this scale; the moments are checked above.)
     ref_curve = {s: fixed_batch_loss(ref_dir, f"step_{s:08d}") for s in (8, 12, 16)}
     curve = {s: fixed_batch_loss(run_dir, f"step_{s:08d}") for s in (12, 16)}
-    for s in (12, 16):
+    for s in (12, 16):  # another world size sums gradients in another order: close, not equal
         assert curve[s] == pytest.approx(ref_curve[s], rel=0.05), (curve, ref_curve)
     assert curve[12] < ref_curve[8] and curve[16] < ref_curve[8], (curve, ref_curve)
     assert sorted(losses(log)) == [12, 16]

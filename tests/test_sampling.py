@@ -93,6 +93,8 @@ def test_single_point_data_lands_on_the_point(name, sampler):
     x = run(name, sampler, 0.0, mu, steps=10)
     assert x.shape == SHAPE and x.dtype == torch.float32
     target = mu[:, 0, :].reshape(-1, SHAPE[1], 1, 1).expand(SHAPE)
+    # 10 fp32 steps whose final step divides by a small alpha (rounding grows ~1/alpha):
+    # 1e-3 on unit-scale values, far from any wrong update.
     assert (x - target).abs().max().item() < 1e-3
 
 
@@ -139,6 +141,8 @@ def test_ddim_matches_diffusers_ddim_scheduler(prediction):
         x = x_T.clone()
         for t in ref.timesteps:
             x = ref.step(model_fn(x, t.repeat(4), None), t, x, eta=0.0).prev_sample
+    # fp32, 20 steps of the same update in another arrangement (diffusers computes x0 first):
+    # ~20 x a few ulps of unit-scale values, each step's error carried on: 1e-4.
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
 
@@ -163,6 +167,8 @@ def test_cfg_scale_one_equals_conditional_only(name, sampler):
     cond, uncond = prompts(seed=1), torch.zeros(1, 1, SHAPE[1])
     guided = run(name, sampler, 0.5, cond, steps=8, uncond=uncond, cfg_scale=1.0)
     plain = run(name, sampler, 0.5, cond, steps=8, uncond=None)
+    # Scale 1: u + 1 (c - u) = c up to rounding, and the network sees a batch of 2N instead of
+    # N (other kernel blocking): 8 fp32 steps on unit-scale values, 1e-5; scale 3 moves ~1e-1.
     assert torch.allclose(guided, plain, atol=1e-5)
     away = run(name, sampler, 0.5, cond, steps=8, uncond=uncond, cfg_scale=3.0)
     assert not torch.allclose(away, plain, atol=1e-2)
@@ -190,6 +196,7 @@ def test_guided_prediction_follows_the_formula_in_one_batched_call():
     assert torch.equal(calls[0][3][n:], uncond["pooled"].expand(n, -1))
     c = model_fn(x, t, cond)
     u = model_fn(x, t, {k: v.expand(n, *v.shape[1:]) for k, v in uncond.items()})
+    # One fp32 network call in a batch of 2N versus two of N, then the same formula: 1e-5.
     assert torch.allclose(out, u + 4.0 * (c - u), atol=1e-5)
 
 
@@ -202,7 +209,7 @@ def test_guided_sampling_of_point_data_lands_on_the_extrapolated_point(name, sam
     x = run(name, sampler, 0.0, cond, steps=10, uncond=uncond, cfg_scale=2.5)
     xc = cond[:, 0, :].reshape(-1, SHAPE[1], 1, 1)
     xu = uncond[:, 0, :].reshape(-1, SHAPE[1], 1, 1)
-    assert (x - (xu + 2.5 * (xc - xu)).expand(SHAPE)).abs().max().item() < 1e-3
+    assert (x - (xu + 2.5 * (xc - xu)).expand(SHAPE)).abs().max().item() < 1e-3  # as above
 
 
 def test_guidance_without_uncond_and_unknown_sampler_are_clear_errors():
@@ -227,8 +234,8 @@ def test_same_seed_same_samples(name, sampler):
     torch.manual_seed(999)  # the global RNG must not matter
     b = run(name, sampler, 0.5, cond, steps=6, seed=7, uncond=uncond, cfg_scale=2.0)
     c = run(name, sampler, 0.5, cond, steps=6, seed=8, uncond=uncond, cfg_scale=2.0)
-    assert torch.equal(a, b)
-    assert not torch.allclose(a, c, atol=1e-2)
+    assert torch.equal(a, b)  # the same computation on the same machine: bitwise
+    assert not torch.allclose(a, c, atol=1e-2)  # another seed: another sample
 
 
 def test_given_x_T_replaces_the_generator_draw():

@@ -19,7 +19,7 @@
       samples/                     sample grids from eval
       export/                      `latentforge export` output
 
-A checkpoint is whole or absent (DESIGN.md guarantee 5): every rank writes its shards,
+A checkpoint is whole or absent (docs/guarantees.md, 5): every rank writes its shards,
 hashing and fsyncing each file as it is written, all ranks meet and gather what they
 wrote, then rank 0 writes COMPLETE (the file list) and moves `latest` with an atomic,
 fsynced rename. A crash anywhere before that leaves the previous `latest` in place; the
@@ -159,7 +159,8 @@ def save(engine: Any, run_dir: Path, state: TrainState, keep_last: int) -> str:
         known = {name: v for per_rank in gathered for name, v in per_rank.items()}
         files = describe(folder, known)  # anything no rank hashed as it wrote it is hashed now
         atomic_write(folder / COMPLETE, record(files, step=step, world_size=dist.world_size(),
-                                               zero_stage=engine.cfg.train.zero_stage, time=time.time()),
+                                               zero_stage=engine.cfg.train.zero_stage, time=time.time(),
+                                               dataset=(state.loader or {}).get("dataset")),
                      fsync=True)
         atomic_write(d / LATEST, tag, fsync=True)  # also makes the tag folder's entry in d durable
         prune(run_dir, keep_last)
@@ -470,7 +471,7 @@ def load(engine: Any, run_dir: Path, plan: ResumePlan) -> TrainState:
 # Reading checkpoints in one process (export, eval, tests).
 
 
-def _model_states_file(d: Path) -> Path:
+def model_states_file(d: Path) -> Path:
     f = d / "mp_rank_00_model_states.pt"
     return f if f.is_file() else d / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank
 
@@ -518,7 +519,7 @@ def _read_state(run_dir: Path, tag: str | None, verify: bool = True) -> tuple[st
         raise FileNotFoundError(f"{ckpt_dir(run_dir)}: no complete checkpoint")
     if verify:
         check_readable(run_dir, tag)
-    states = load_file(_model_states_file(ckpt_dir(run_dir) / tag))
+    states = load_file(model_states_file(ckpt_dir(run_dir) / tag))
     state = TrainState.from_state_dict(states)
     if state.ema and state.ema.get("layout") is not None:
         state.ema = {"updates": state.ema["updates"], "shadow": consolidated_ema(run_dir, tag), "layout": None}
@@ -540,6 +541,11 @@ def consolidated_weights(run_dir: Path, tag: str | None = None) -> tuple[dict[st
         from latentforge.training.engine import consolidated_state_dict
 
         weights = consolidated_state_dict(ckpt_dir(run_dir), tag)
+        # zero_to_fp32 rebuilds what the optimizer holds; below ZeRO-3 the module states hold the
+        # rest whole (ZeRO-1 records no frozen parameters: a LoRA run's base U-Net).
+        for k, v in (states.get("module") or {}).items():
+            if k not in weights and v.numel():
+                weights[k] = v.float().clone()
     else:  # ZeRO stage 0: the module states file holds the weights
         weights = {k: v.float().clone() for k, v in states["module"].items()}
     return weights, state

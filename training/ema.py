@@ -36,14 +36,26 @@ class EMA:
         if layout is not None and gather is None:
             raise ValueError("a sharded EMA needs the gather collective")
         self.cfg = cfg
-        self.updates = 0
         self.layout = layout
         self._gather = gather
         self.shadow: dict[str, torch.Tensor] = {name: p.detach().float().clone() for name, p in params.items()}
+        self._shadows = list(self.shadow.values())  # the same tensors, in one list for the fused update
+        # Updates counted on the host, plus those whose weight was a device flag (added
+        # there, so an update costs no host sync); `updates` sums the two.
+        self._updates, self._updates_dev = 0, None
 
     @property
     def sharded(self) -> bool:
         return self.layout is not None
+
+    @property
+    def updates(self) -> int:
+        """How many updates moved the average (reads a device counter: a host sync)."""
+        return self._updates + (int(self._updates_dev.item()) if self._updates_dev is not None else 0)
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self._updates, self._updates_dev = int(n), None
 
     def decay_at(self, step: int) -> float:
         if step < self.cfg.start_step:
@@ -54,12 +66,23 @@ class EMA:
         return min(self.cfg.decay, 1.0 - (1.0 + t) ** -self.cfg.warmup_power)
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor], step: int) -> float:
-        """params: as in the constructor, after the optimizer step."""
+    def update(self, params: dict[str, torch.Tensor], step: int, applied: torch.Tensor | None = None) -> float:
+        """params: as in the constructor, after the optimizer step. One fused multi-tensor
+        lerp over every tensor: s = d * s + (1 - d) * p. `applied`: a device scalar, 1.0 when
+        the optimizer step was applied and 0.0 when it was dropped; the weight becomes
+        (1 - d) * applied, so a dropped step leaves the average exactly as it was (lerp with
+        weight 0), decided on the device without a host sync. Returns d."""
         d = self.decay_at(step)
-        for name, s in self.shadow.items():
-            s.lerp_(params[name].detach().to(s.device, torch.float32), 1.0 - d)  # s = d * s + (1 - d) * p
-        self.updates += 1
+        srcs = [params[name].detach() for name in self.shadow]
+        srcs = [p if p.dtype == s.dtype and p.device == s.device else p.to(s.device, s.dtype)
+                for p, s in zip(srcs, self._shadows)]
+        if applied is None:
+            torch._foreach_lerp_(self._shadows, srcs, 1.0 - d)
+            self._updates += 1
+        else:
+            weight = applied.to(self._shadows[0].device, torch.float32) * (1.0 - d)  # () on the device
+            torch._foreach_lerp_(self._shadows, srcs, [weight] * len(srcs))
+            self._updates_dev = applied.detach().clone() if self._updates_dev is None else self._updates_dev + applied
         return d
 
     # -- full weights -------------------------------------------------------------------

@@ -33,6 +33,7 @@ class TrainState:
     scale: float = 1.0  # latent = (z - shift) * scale
     shift: float = 0.0
     null_text: dict[str, torch.Tensor] | None = None  # {"tokens": (L, D), "pooled": (P,)}: CFG's empty caption
+    init_from: dict[str, Any] | None = None  # where the step-0 weights came from (training/init_from.py record)
 
     def state_dict(self) -> dict[str, Any]:
         """The client state to save (shallow: tensors are shared, not copied). Refuses a

@@ -1,14 +1,16 @@
 """System metrics (CPU, memory, disk, network, and GPU with nvidia-ml-py) for `system/*`.
 
-MLflow's own samplers, the ones behind `log_system_metrics`, read here and fed into the
-tracker's buffer: mlflow's SystemMetricsMonitor needs a run that exists and stops for good
-at its first failed request, so it does not survive an outage.
+MLflow's own samplers, the ones behind `log_system_metrics` (training/mlflow_compat.py),
+read here and fed into the tracker's buffer: mlflow's SystemMetricsMonitor needs a run that
+exists and stops for good at its first failed request, so it does not survive an outage.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from latentforge.training import mlflow_compat
 
 
 class SystemSampler:
@@ -20,7 +22,7 @@ class SystemSampler:
     def sample(self) -> dict[str, float]:
         """One reading. Raises if a sampler fails (the caller turns system metrics off)."""
         if self._monitors is None:
-            self._monitors = _make_monitors()
+            self._monitors = mlflow_compat.system_monitors()
         values: dict[str, float] = {}
         for m in self._monitors:
             m.collect_metrics()
@@ -37,18 +39,3 @@ class SystemSampler:
             psutil.cpu_percent()
         except Exception:
             pass
-
-
-def _make_monitors() -> list[Any]:
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-
-    monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    try:  # needs nvidia-ml-py and a driver
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-        monitors.append(GPUMonitor())
-    except Exception:
-        pass
-    return monitors

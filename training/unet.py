@@ -41,6 +41,7 @@ def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_d
         norm_num_groups=cfg.norm_num_groups,
         transformer_layers_per_block=cfg.transformer_layers_per_block,
         use_linear_projection=cfg.linear_projection,
+        mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_block == "cross_attn" else None,
     )
     if cfg.micro_conditioning:
         kw.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.micro_conditioning_dim,
@@ -61,9 +62,12 @@ def build_unet(cfg: ModelConfig, latent_channels: int, latent_size: int, text_di
 def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: dict[str, torch.Tensor],
                       where: str) -> torch.nn.Module:
     """The U-Net of `cfg` for latents of `shapes` (a checkpoint's), holding `weights`; a
-    mismatch fails with one line naming `where` the weights came from."""
+    mismatch fails with one line naming `where` the weights came from. With
+    model.lora_rank the U-Net carries its adapters (the weights hold them too)."""
     C, h, _ = shapes["latent"]
     unet = build_unet(cfg, C, h, shapes["text"][-1], shapes["pooled"][-1])
+    if cfg.lora_rank:
+        add_lora(unet, cfg)
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{where}: weights do not fit the U-Net of the config: missing {missing[:3]}, "
@@ -85,6 +89,56 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
             raise ValueError("cond: a micro-conditioned U-Net needs time_ids (N, 6): original size, crop, target size")
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
     return unet(x, t, encoder_hidden_states=cond["text"], return_dict=False, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021) through peft, on the attention projections, as diffusers'
+# train_text_to_image_lora.py does: W x + (alpha / r) B A x with A (r, in) Gaussian and
+# B (out, r) zero, so the adapted U-Net starts equal to the base.
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention's projections
+
+
+def attention_projections(unet: torch.nn.Module) -> list[str]:
+    """Names of the modules LoRA adapts: every attention block's q, k, v and output projection."""
+    return [n for n, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in LORA_TARGETS)]
+
+
+def lora_config(cfg: ModelConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+                      target_modules=list(LORA_TARGETS))
+
+
+def add_lora(unet: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Freeze the U-Net and add rank-`cfg.lora_rank` adapters (trainable) to its attention
+    projections (diffusers' PeftAdapterMixin.add_adapter). The adapters' A matrices draw from
+    torch's global RNG: seed it first for equal adapters on every rank."""
+    if not attention_projections(unet):
+        raise ValueError(f"model.lora_rank: {cfg.lora_rank} but the U-Net has no attention projections to adapt "
+                         f"(block types {list(cfg.down_block_types)}, mid block {cfg.mid_block!r})")
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    return unet
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters in diffusers' LoRA file layout ("unet.<module>.lora_A.weight", ...): what
+    StableDiffusionPipeline.save_lora_weights writes and load_lora_weights reads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """A plain UNet2DConditionModel with the adapters folded into the base weights."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
 
 
 def count_params(module: torch.nn.Module) -> int:
