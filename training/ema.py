@@ -4,12 +4,24 @@ decay_t = min(decay, 1 - (1 + t) ** -warmup_power) with t the number of updates 
 `start_step` (the warmup of Tarvainen & Valpola 2017 / timm's ModelEmaV2 power form):
 early on the EMA follows the raw weights closely, later it averages over ~1/(1-decay) steps.
 
-What the EMA tracks is what the engine hands it (`Engine.ema_parameters()`): the full
-parameters below ZeRO-3, and under ZeRO-3 this rank's flat partition of each parameter.
+What the EMA tracks is what the engine hands it (`Engine.ema_parameters()`): the weights
+the optimizer updates, in fp32. In fp32 training those are the parameters themselves:
+whole below ZeRO-3, and under ZeRO-3 this rank's flat partition of each parameter. Under
+bf16/fp16 they are the optimizer's fp32 master weights, never the rounded half-precision
+module weights (whose rounding, ~0.4% near 1 for bf16, the average would keep):
+
+- ZeRO-3: this rank's fp32 partition of each parameter (same layout as in fp32);
+- ZeRO 1/2: the master is one flat fp32 partition per rank, cut across parameters; each
+  parameter comes as a `Fragment` (the slice of it this rank holds, maybe none). Each rank
+  updates the EMA where it holds the master; `sync` (one sum over ranks of the parts each
+  rank owns) makes the EMA whole on every rank before it is read or saved;
+- ZeRO 0: the fp32 master, whole on every rank.
+
 The average is elementwise, so an EMA of partitions is the partition of the EMA: ZeRO-3
 needs no gather per step, and each rank holds 1/N of the EMA (its checkpoint file holds
 that shard). Full EMA weights (eval, export) are gathered on demand (`full`, `copy_to`,
-collective under ZeRO-3) or assembled from the checkpoint files (`assemble`).
+collective under ZeRO-3 and for fragments) or assembled from the checkpoint files
+(`assemble`).
 
 A sharded layout is {"world_size": N, "rank": r, "numel": {name: n}, "shape": {name: [..]}}:
 rank r's shard of a parameter is elements [r*P, (r+1)*P) of the flattened parameter
@@ -19,31 +31,72 @@ zero-padded to N*P, P = ceil(n / N) (DeepSpeed ZeRO-3's partitioning).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from latentforge import dist
 from latentforge.config import EMAConfig
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # a rank's (P,) shard -> all ranks' shards, (N * P,)
 
 
+@dataclass(frozen=True)
+class Fragment:
+    """The part of a parameter's fp32 master weights this rank holds under ZeRO 1/2:
+    elements [start, start + values.numel()) of the flattened parameter of `shape`."""
+
+    shape: tuple[int, ...]  # the whole parameter's shape
+    start: int  # offset of `values` in the flattened parameter
+    values: torch.Tensor  # (n,) fp32, a view into the optimizer's flat partition; n = 0 when none is here
+
+
 class EMA:
-    def __init__(self, params: dict[str, torch.Tensor], cfg: EMAConfig, layout: dict[str, Any] | None = None,
-                 gather: Gather | None = None):
+    def __init__(self, params: dict[str, torch.Tensor | Fragment], cfg: EMAConfig,
+                 layout: dict[str, Any] | None = None, gather: Gather | None = None):
         """params: name -> this rank's tensor (full, or its flat ZeRO-3 partition when
-        `layout` is given; then `gather` is the collective that reassembles a parameter)."""
+        `layout` is given; then `gather` is the collective that reassembles a parameter),
+        or this rank's `Fragment` of each parameter (ZeRO 1/2 master weights). With
+        fragments the constructor is collective: it assembles the whole initial weights."""
         if layout is not None and gather is None:
             raise ValueError("a sharded EMA needs the gather collective")
         self.cfg = cfg
         self.updates = 0
         self.layout = layout
         self._gather = gather
-        self.shadow: dict[str, torch.Tensor] = {name: p.detach().float().clone() for name, p in params.items()}
+        fragments = [isinstance(p, Fragment) for p in params.values()]
+        if any(fragments) and not all(fragments):
+            raise ValueError("EMA parameters: either every parameter is a Fragment or none is")
+        if any(fragments) and layout is not None:
+            raise ValueError("EMA parameters: fragments are parts of whole parameters; they take no shard layout")
+        # Fragments: name -> (start, numel) of the part this rank updates; `sync` does the rest.
+        self._owned: dict[str, tuple[int, int]] | None = None
+        self._stale = False
+        if any(fragments):
+            self._owned = {n: (f.start, f.values.numel()) for n, f in params.items()}
+            self.shadow = {n: torch.zeros(f.shape, dtype=torch.float32, device=dist.device())
+                           for n, f in params.items()}
+            self._copy_fragments(params)
+            self._stale = True
+            self.sync()
+        else:
+            self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+        # ZeRO-3 shards end in padding past the parameter's last element (the fp32 master
+        # partitions hold arbitrary bits there): updates leave it at zero.
+        self._valid = {n: self._valid_elements(n) for n in self.shadow} if layout is not None else {}
+        for name, n in self._valid.items():
+            self.shadow[name][n:] = 0
 
     @property
     def sharded(self) -> bool:
         return self.layout is not None
+
+    def _valid_elements(self, name: str) -> int:
+        """Elements of this rank's shard of `name` that belong to the parameter (the rest is padding)."""
+        n, world, rank = self.layout["numel"][name], self.layout["world_size"], self.layout["rank"]
+        per = math.ceil(n / world)
+        return max(0, min(per, n - rank * per))
 
     def decay_at(self, step: int) -> float:
         if step < self.cfg.start_step:
@@ -54,18 +107,55 @@ class EMA:
         return min(self.cfg.decay, 1.0 - (1.0 + t) ** -self.cfg.warmup_power)
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor], step: int) -> float:
+    def update(self, params: dict[str, torch.Tensor | Fragment], step: int) -> float:
         """params: as in the constructor, after the optimizer step."""
         d = self.decay_at(step)
-        for name, s in self.shadow.items():
-            s.lerp_(params[name].detach().to(s.device, torch.float32), 1.0 - d)  # s = d * s + (1 - d) * p
+        if self._owned is not None:
+            self._copy_fragments(params, weight=1.0 - d)
+            self._stale = True  # every rank updates at the same steps, so every rank syncs alike
+        else:
+            for name, s in self.shadow.items():
+                n = self._valid.get(name)
+                p = params[name].detach()
+                if n is None:
+                    s.lerp_(p.to(s.device, torch.float32), 1.0 - d)  # s = d * s + (1 - d) * p
+                else:
+                    s[:n].lerp_(p[:n].to(s.device, torch.float32), 1.0 - d)
         self.updates += 1
         return d
+
+    def _copy_fragments(self, params: dict[str, Any], weight: float = 1.0) -> None:
+        """Lerp (weight 1: copy) this rank's fragments into the shadow."""
+        for name, s in self.shadow.items():
+            f = params[name]
+            if not isinstance(f, Fragment) or (f.start, f.values.numel()) != self._owned[name]:
+                raise ValueError(f"EMA parameter {name}: the optimizer's partition changed since the EMA was built")
+            if f.values.numel():
+                part = s.view(-1)[f.start:f.start + f.values.numel()]
+                part.lerp_(f.values.detach().to(s.device, torch.float32), weight)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Make every rank's shadow whole after fragment updates: each rank keeps only the
+        parts it owns (the others are stale) and one sum over ranks fills in the rest.
+        Collective; a no-op without fragments or when nothing changed."""
+        if self._owned is None or not self._stale:
+            return
+        for name, s in self.shadow.items():
+            start, n = self._owned[name]
+            flat = s.view(-1)
+            mine = flat[start:start + n].clone()
+            flat.zero_()
+            flat[start:start + n] = mine
+            dist.all_reduce_sum(flat)
+        self._stale = False
 
     # -- full weights -------------------------------------------------------------------
 
     def full_tensor(self, name: str) -> torch.Tensor:
-        """The EMA of one parameter, whole. Collective when sharded: every rank calls it."""
+        """The EMA of one parameter, whole. Collective when sharded or made of fragments:
+        every rank calls it."""
+        self.sync()
         s = self.shadow[name]
         if not self.sharded:
             return s
@@ -87,6 +177,8 @@ class EMA:
     # -- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Collective with fragments (every rank calls it, as at a checkpoint)."""
+        self.sync()
         return {"updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()},
                 "layout": self.layout}
 
@@ -102,6 +194,7 @@ class EMA:
         for k, v in sd["shadow"].items():
             self.shadow[k].copy_(v)
         self.updates = int(sd["updates"])
+        self._stale = False
 
     def load_full(self, full: dict[str, torch.Tensor], updates: int) -> None:
         """Load whole EMA weights (e.g. `assemble`d from another world size) into this
@@ -112,6 +205,7 @@ class EMA:
         for name, s in self.shadow.items():
             s.copy_(shard_of(full[name], self.layout, name) if self.sharded else full[name])
         self.updates = int(updates)
+        self._stale = False
 
 
 def shard_of(full: torch.Tensor, layout: dict[str, Any], name: str) -> torch.Tensor:
