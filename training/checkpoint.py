@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from latentforge import dist
+from latentforge.config import AbortError
 from latentforge.fileio import atomic_open, atomic_write
 from latentforge.log import get_logger
 from latentforge.training.ckpt_layout import (  # noqa: F401  (re-exported: the conventions callers use)
@@ -61,6 +63,11 @@ from latentforge.training.ckpt_layout import (  # noqa: F401  (re-exported: the 
 from latentforge.training.state import TrainState
 
 log = get_logger("checkpoint")
+
+# While rank 0 converts a checkpoint to its universal form, the other ranks watch these
+# files instead of waiting in a collective (see prepare_resume).
+HEARTBEAT = ".universal_heartbeat"  # a counter rank 0 rewrites every few seconds while converting
+CONVERT_FAILED = ".universal_failed"  # rank 0's one-line error when the conversion failed
 
 def rng_state() -> dict[str, Any]:
     import random
@@ -226,19 +233,82 @@ def plan_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan |
     return ResumePlan(tag, tag, False, "")
 
 
-def prepare_resume(run_dir: Path, world_size: int, zero_stage: int) -> ResumePlan | None:
+def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, timeout_s: float = 600.0
+                   ) -> ResumePlan | None:
     """Collective. Rank 0 removes crashed saves and, when the plan needs it, converts the
-    checkpoint to its universal form while the other ranks wait at a barrier (bounded by
-    train.collective_timeout_s; convert a very large checkpoint ahead of time with
-    `latentforge ckpt universal RUN_DIR`)."""
+    checkpoint to its universal form. The other ranks do not wait for that inside a
+    collective, which train.collective_timeout_s (`timeout_s`) bounds while converting a
+    large checkpoint may take longer: they watch the file system (`wait_for_conversion`)
+    for as long as rank 0 shows it is alive, and stop with rank 0's error if it fails."""
     plan = plan_resume(run_dir, world_size, zero_stage)  # every rank: a bad resume fails everywhere
+    d = ckpt_dir(run_dir)
     if dist.is_main():
         for name in clean_partial(run_dir):
             log.info(f"removed incomplete {ckpt_dir(run_dir) / name} (a crashed save)")
-        if plan is not None and plan.universal:
-            make_universal(run_dir, plan.tag)
+        for marker in (HEARTBEAT, CONVERT_FAILED):
+            (d / marker).unlink(missing_ok=True)
+    dist.barrier()  # an earlier attempt's markers are gone before anyone reads them
+    if plan is not None and plan.universal:
+        if dist.is_main():
+            _convert_with_heartbeat(run_dir, plan.tag)
+        else:
+            wait_for_conversion(d, plan.load_tag, timeout_s)
     dist.barrier()
     return plan
+
+
+def _convert_with_heartbeat(run_dir: Path, tag: str, beat_s: float = 2.0, progress_s: float = 30.0) -> None:
+    """`make_universal` on rank 0, rewriting HEARTBEAT every `beat_s` (and logging progress)
+    while it runs; on failure CONVERT_FAILED holds the error for the waiting ranks."""
+    d = ckpt_dir(run_dir)
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        n, last_log = 0, t0
+        while not stop.wait(beat_s):
+            n += 1
+            atomic_write(d / HEARTBEAT, str(n))
+            if time.monotonic() - last_log >= progress_s:
+                last_log = time.monotonic()
+                log.info(f"converting {d / tag} to a universal checkpoint: {last_log - t0:.0f} s so far "
+                         f"(the other ranks wait)")
+
+    atomic_write(d / HEARTBEAT, "0")
+    thread = threading.Thread(target=beat, name="latentforge-universal-heartbeat", daemon=True)
+    thread.start()
+    try:
+        make_universal(run_dir, tag)
+    except BaseException as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        atomic_write(d / CONVERT_FAILED, f"{type(e).__name__}: {first}")
+        raise
+    finally:
+        stop.set()
+        thread.join()
+
+
+def wait_for_conversion(d: Path, utag: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Block until rank 0 has written the universal checkpoint `utag` in the checkpoint
+    directory `d`. Raises AbortError with rank 0's message when its conversion failed, and
+    when rank 0's heartbeat has not changed for `timeout_s` (rank 0 died or hangs)."""
+    last_beat: str | None = None
+    last_change = time.monotonic()
+    while not (d / utag / COMPLETE).is_file():
+        if (d / CONVERT_FAILED).is_file():
+            raise AbortError(f"rank 0 could not convert a checkpoint to {d / utag}: "
+                             f"{(d / CONVERT_FAILED).read_text().strip()}")
+        try:
+            beat = (d / HEARTBEAT).read_text()
+        except FileNotFoundError:
+            beat = None
+        now = time.monotonic()
+        if beat != last_beat:
+            last_beat, last_change = beat, now
+        elif now - last_change > timeout_s:
+            raise AbortError(f"rank 0 showed no progress converting {d / utag} for {timeout_s:.0f} s "
+                             f"(train.collective_timeout_s): it died or hangs")
+        time.sleep(poll_s)  # a file poll: rank 0 is converting, nothing to do meanwhile
 
 
 def load(engine: Any, run_dir: Path, plan: ResumePlan) -> TrainState:
