@@ -142,9 +142,9 @@ def _gpu_figures(cfg: Any, shapes: dict[str, list[int]], samples_per_s: float) -
     n = 8
     unet = build_unet(cfg.model, C, h, shapes["text"][-1], shapes["pooled"][-1]).to(dev)
     x, t = torch.randn(n, C, h, w, device=dev), torch.randint(0, 1000, (n,), device=dev)
-    cond = {"text": torch.randn(n, *shapes["text"], device=dev), "pooled": torch.randn(n, *shapes["pooled"], device=dev)}
+    cond = {"text": torch.randn(n, *shapes["text"], device=dev),
+            "pooled": torch.randn(n, *shapes["pooled"], device=dev)}
     flops = count_flops(lambda: unet_forward(unet, x, t, cond).float().square().mean().backward()) / n
-    del unet
     peak = matmul_peak(torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     return {"gflop_per_sample": flops / 1e9, "samples_per_s": samples_per_s,
             "bf16_peak_tflops": peak.best / 1e12, "mfu_percent": 100 * flops * samples_per_s / peak.best,

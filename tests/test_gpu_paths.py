@@ -21,22 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAUNCH_NAMES
 
 from latentforge import dist
 from latentforge import env as lfenv
 from latentforge.config import AbortError, ConfigError, resolve
-
-_PREFIXES = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_")
-_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "NODE_RANK", "GROUP_RANK",
-          "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", dist.NODE_LOCAL_RANK)
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for k in list(os.environ):
-        if k in _NAMES or k.startswith(_PREFIXES):
-            monkeypatch.delenv(k)
-    return monkeypatch
 
 
 @pytest.fixture
@@ -57,8 +46,7 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch):
 def _slurm_task(mp: pytest.MonkeyPatch, *, localid: int, tasks_per_node: int, nodes: int = 2, node: int = 1,
                 visible: str | None) -> None:
     """The environment srun gives task `localid` of node `node`, then the launcher's export."""
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT",
-                 "CUDA_VISIBLE_DEVICES", dist.NODE_LOCAL_RANK):
+    for name in LAUNCH_NAMES:
         mp.delenv(name, raising=False)  # a previous task's export (the same test process)
     values = dict(SLURM_PROCID=node * tasks_per_node + localid, SLURM_LOCALID=localid, SLURM_NODEID=node,
                   SLURM_NTASKS=nodes * tasks_per_node, SLURM_TASKS_PER_NODE=f"{tasks_per_node}(x{nodes})",
@@ -442,7 +430,7 @@ def test_pooled_text_conditioning_trains_on_them_and_its_export_samples(gpu_made
 
     overrides, _ = gpu_made_latents
     run_dir = tmp_path / "pooled"
-    env = {k: v for k, v in os.environ.items() if k not in _NAMES}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_NAMES}
     proc = subprocess.run([sys.executable, "-m", "latentforge.launch.cli", "train", "--preset", "tiny", *overrides,
                            f"run_dir={run_dir}", "nproc=1", "model.pooled_text_conditioning=true",
                            "train.max_steps=4", "train.log_every=2", "train.ckpt_every_steps=4",
@@ -505,7 +493,7 @@ def test_gpu_check_dry_run_parses_and_lists_its_steps_without_a_gpu() -> None:
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in _NAMES}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_NAMES}
     proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--dry-run"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
