@@ -184,7 +184,7 @@ def _load_run(target: Target, cfg: Config, device: torch.device) -> Loaded:
     if tag is None:
         raise FileNotFoundError(f"{checkpoint.ckpt_dir(target.path)}: no complete checkpoint to evaluate")
     where = checkpoint.ckpt_dir(target.path) / tag
-    weights, state = checkpoint.consolidated_weights(target.path, tag)
+    weights, state = checkpoint.consolidated_weights(target.path, tag)  # checked against COMPLETE first
     if not state.shapes or not state.identity or state.null_text is None:
         raise ValueError(f"{where}: checkpoint lacks its shapes, identity or null text (written by an older "
                          f"latentforge); export it or evaluate a newer checkpoint")

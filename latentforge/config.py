@@ -119,7 +119,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the U-Net
     ckpt_every_steps: int = 500  # checkpoint every N optimizer steps; 0 = off
     ckpt_every_minutes: float = 0.0  # also checkpoint every N minutes of wall time; 0 = off
-    keep_last: int = 3  # complete checkpoints kept on disk
+    keep_last: int = 3  # intact checkpoints kept on disk (a damaged one is never removed and does not count)
+    verify_checkpoints: bool = True  # on resume, also compare every file's content hash (sizes are always checked)
     log_every: int = 10  # log train/* metrics every N steps
     max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite losses
     collective_timeout_s: float = 600.0  # a collective that takes longer (e.g. a dead rank) aborts the run
@@ -546,6 +547,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size: must be positive, got {cfg.train.global_batch_size}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
+    if not isinstance(cfg.train.verify_checkpoints, bool):
+        raise ConfigError(f"train.verify_checkpoints: expected true or false, got {cfg.train.verify_checkpoints!r}")
     if len(cfg.model.down_block_types) != len(cfg.model.block_out_channels):
         raise ConfigError("model.down_block_types: needs one entry per model.block_out_channels")
     if len(cfg.model.up_block_types) != len(cfg.model.block_out_channels):

@@ -24,6 +24,11 @@ def tmp_name(path: str | os.PathLike) -> Path:
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or creation inside directory `path` durable."""
+    fsync_path(path)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's) data and metadata to disk, whoever wrote it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

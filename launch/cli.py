@@ -15,6 +15,7 @@ Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, 
     latentforge status RUN_DIR                job state, step, last metrics, log tail
     latentforge runs compare EXPERIMENT       compare MLflow runs
     latentforge ckpt universal RUN_DIR        universal checkpoint: resume at another world size
+    latentforge ckpt verify RUN_DIR           each checkpoint: intact, damaged (and why) or incomplete
     latentforge demo                          the whole pipeline on the embedded defaults
 """
 
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "start-up loads it (once), at any world size")
     cu.add_argument("run_dir")
     cu.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    cv = csub.add_parser("verify", help="check every checkpoint's files against its COMPLETE record; exit 1 "
+                                        "if the latest one is damaged")
+    cv.add_argument("run_dir")
+    cv.add_argument("--tag", default=None, help="check this checkpoint folder only")
+    cv.add_argument("--sizes-only", action="store_true", help="compare sizes, not content hashes (fast)")
 
     runs = sub.add_parser("runs", help="MLflow runs")
     rsub = runs.add_subparsers(dest="runs_command", required=True)
@@ -227,10 +233,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
+    if args.ckpt_command == "verify":
+        return cmd_ckpt_verify(args)
     from latentforge.training.checkpoint import make_universal
 
     utag = make_universal(args.run_dir, args.tag)
     print(f"universal checkpoint {utag} in {args.run_dir}/checkpoints; the next start-up of this run loads it")
+    return 0
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    """Torch-free: reads COMPLETE records and the files (training/ckpt_layout.py)."""
+    from pathlib import Path
+
+    from latentforge.training import ckpt_layout as cl
+
+    d = cl.ckpt_dir(Path(args.run_dir))
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no checkpoints folder (is {args.run_dir} a run directory?)")
+    statuses = cl.check_run(Path(args.run_dir), hashes=not args.sizes_only, tag=args.tag)
+    latest = args.tag or cl.latest_name(Path(args.run_dir)) or cl.latest_tag(Path(args.run_dir))
+    if latest and all(st.name != latest for st in statuses):
+        statuses.append(cl.Status(latest, "damaged", [f"`latest` names {latest}, which is not in {d}"]))
+    for st in statuses:
+        print(("* " if st.name == latest else "  ") + st.line())
+    if not statuses:
+        print(f"no checkpoints in {d}")
+    bad = next((st for st in statuses if st.name == latest and not st.ok), None)
+    if bad is not None:
+        print(f"latest checkpoint {bad.name} is {bad.state}; a resume falls back to the newest intact one")
+        return 1
     return 0
 
 
@@ -276,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"latentforge: config error: {e}", file=sys.stderr)
         return 2
     except AbortError as e:
-        print(f"latentforge: aborted: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not getattr(e, "agreed", False):  # an agreed one: said once
+            print(f"latentforge: aborted: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("LATENTFORGE_DEBUG"):

@@ -37,11 +37,12 @@ class FakeEngine:
         self.cfg = SimpleNamespace(train=SimpleNamespace(zero_stage=2))
         self.crash = crash
 
-    def save(self, d: Path, tag: str, client_state: dict) -> None:
+    def save(self, d: Path, tag: str, client_state: dict) -> dict:
         (d / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {}, **client_state}, d / tag / "mp_rank_00_model_states.pt")
         if self.crash:
             raise KeyboardInterrupt("killed after DeepSpeed wrote its files")
+        return {}  # nothing hashed as written: checkpoint.save hashes it right after
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,9 +127,10 @@ import os, signal
 from latentforge.training import engine
 _save = engine.Engine.save
 def save(self, ckpt_dir, tag, client_state):
-    _save(self, ckpt_dir, tag, client_state)
+    written = _save(self, ckpt_dir, tag, client_state)
     if tag == "step_00000012":  # every rank's DeepSpeed files are written; COMPLETE and latest are not
         os.kill(os.getpid(), signal.SIGKILL)
+    return written
 engine.Engine.save = save
 """
 

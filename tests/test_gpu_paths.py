@@ -292,43 +292,68 @@ def test_heldout_loss_in_batches_equals_one_pass() -> None:
 # The wait while rank 0 converts a universal checkpoint.
 
 
-def test_other_ranks_wait_for_a_conversion_longer_than_the_timeout_while_rank0_beats(tmp_path: Path,
-                                                                                   monkeypatch) -> None:
-    from latentforge.training import checkpoint as ck
+def test_waiting_ranks_follow_rank0s_heartbeat_and_stop_when_it_stops(tmp_path: Path) -> None:
+    from latentforge.training.checkpoint import Heartbeat, wait_for_main
 
-    d = tmp_path / "checkpoints"
-    (d / "step_00000004").mkdir(parents=True)
+    beat = tmp_path / ".heartbeat"
 
-    def slow_conversion(run_dir, tag):  # 4x the waiting ranks' timeout
-        time.sleep(0.8)
-        (d / f"{tag}_universal").mkdir()
-        (d / f"{tag}_universal" / "COMPLETE").write_text("{}")
+    def rank0() -> None:  # busy 4x as long as the waiters' timeout, beating every 0.05 s
+        with Heartbeat(beat, "converting", beat_s=0.05):
+            time.sleep(0.8)
 
-    monkeypatch.setattr(ck, "make_universal", slow_conversion)
-    rank0 = threading.Thread(target=ck._convert_with_heartbeat, args=(tmp_path, "step_00000004"),
-                             kwargs={"beat_s": 0.05})
-    rank0.start()
-    ck.wait_for_conversion(d, "step_00000004_universal", timeout_s=0.2, poll_s=0.02)
-    rank0.join()
-    assert (d / "step_00000004_universal" / "COMPLETE").is_file()
-
-
-def test_waiting_ranks_stop_with_rank0s_error_or_when_it_stops_beating(tmp_path: Path) -> None:
-    from latentforge.training.checkpoint import CONVERT_FAILED, HEARTBEAT, _convert_with_heartbeat, wait_for_conversion
-
-    d = tmp_path / "checkpoints"
-    d.mkdir()
-    with pytest.raises(FileNotFoundError):  # rank 0: no such checkpoint
-        _convert_with_heartbeat(tmp_path, "step_00000009")
-    assert (d / CONVERT_FAILED).read_text().startswith("FileNotFoundError:")
-    with pytest.raises(AbortError, match="rank 0 could not convert .*FileNotFoundError"):
-        wait_for_conversion(d, "step_00000009_universal", timeout_s=60, poll_s=0.01)
-    (d / CONVERT_FAILED).unlink()
-    (d / HEARTBEAT).write_text("17")  # rank 0 beat once, then died
+    t = threading.Thread(target=rank0)
+    t.start()
+    wait_for_main(beat, timeout_s=0.2, what="converting", poll_s=0.02)
+    t.join()
+    assert beat.read_text() == "done"
+    beat.write_text("17")  # rank 0 beat once, then died
     t0 = time.monotonic()
-    with pytest.raises(AbortError, match="no progress .* for 0 s"):
-        wait_for_conversion(d, "step_00000009_universal", timeout_s=0.3, poll_s=0.02)
+    with pytest.raises(AbortError, match="rank 0 showed no progress converting for 0 s"):
+        wait_for_main(beat, timeout_s=0.3, what="converting", poll_s=0.02)
     assert time.monotonic() - t0 >= 0.3
+
+
+_CONVERT_RANK = """
+import datetime, os, sys, time
+from pathlib import Path
+import torch.distributed as tdist
+from latentforge.training import checkpoint as ck
+
+tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))  # the collective timeout
+run_dir = Path(sys.argv[1])
+def slow_conversion(run_dir, tag, hashes=True):  # 3x the collective timeout
+    time.sleep(6)
+    (ck.ckpt_dir(run_dir) / ck.universal_tag(tag)).mkdir(parents=True)
+ck.make_universal = slow_conversion
+ck.check = lambda folder, hashes: type("Status", (), {"ok": True, "problems": []})()  # a sound source
+plan = ck.ResumePlan("step_00000004", "step_00000004_universal", True, "world size 2 -> 1")
+print("problems", ck._convert(run_dir, plan, hashes=False, timeout_s=2.0))
+tdist.barrier()  # the process group survived the wait
+"""
+
+
+def test_a_conversion_longer_than_the_collective_timeout_is_waited_for(tmp_path: Path) -> None:
+    """Two gloo ranks whose collectives time out after 2 s; rank 0's conversion takes 6 s.
+    The other rank waits on the heartbeat file, not in the broadcast, and both go on."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoints").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_NAMES}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT_RANK, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(base, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "problems []" in out, out[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000004_universal").is_dir()
+    assert not (tmp_path / "checkpoints" / ".universal_heartbeat").exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Everything DeepSpeed-specific (the ds_config, ZeRO stages, precision, the process group,
 gathering ZeRO-3 parameters, skipping a step, checkpoint calls, universal checkpoints)
-lives here so the training loop reads as plain PyTorch. deepspeed is imported inside
-functions: `latentforge --help` stays fast.
+lives here so the training loop reads as plain PyTorch; the private DeepSpeed APIs it
+needs sit behind training/deepspeed_compat.py, with a version check. deepspeed is
+imported inside functions: `latentforge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from latentforge.config import Config, ConfigError, batch_split
 from latentforge.env import free_port
 from latentforge.fileio import atomic_write
 from latentforge.log import quiet_prints, quiet_third_party
+from latentforge.training import deepspeed_compat as compat
 from latentforge.training.ema import Fragment
 
 
@@ -32,6 +34,7 @@ def _deepspeed() -> Any:
     os.environ.setdefault("DS_ACCELERATOR", dist.device().type)
     import deepspeed
 
+    compat.check_version(deepspeed.__version__)
     quiet_third_party()
     return deepspeed
 
@@ -171,6 +174,8 @@ class Engine:
         self.micro_batch, self.accum = config_dict["train_micro_batch_size_per_gpu"], \
             config_dict["gradient_accumulation_steps"]
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
+        # DeepSpeed's file I/O: hashed and fsynced as written, loaded weights-only.
+        self._written = compat.install_checkpoint_io(ds_engine)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -237,8 +242,8 @@ class Engine:
         fp32: the parameter itself below ZeRO-3; under ZeRO-3 its flat partition
         (p.ds_tensor, (ceil(n / N),)). bf16/fp16: the optimizer's fp32 master weights, never
         the rounded module weights: under ZeRO-3 the fp32 partition (same layout), under
-        ZeRO 1/2 this rank's `Fragment` of the flat fp32 partition (DeepSpeed's `_hp_mapping`
-        of each parameter), under ZeRO 0 the whole fp32 master."""
+        ZeRO 1/2 this rank's `Fragment` of the flat fp32 partition, under ZeRO 0 the whole
+        fp32 master (where they live: training/deepspeed_compat.py)."""
         params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if self.dtype == torch.float32:
             if self.zero3:
@@ -252,20 +257,17 @@ class Engine:
             return self._stage0_master(params)
         out: dict[str, Any] = {}
         for n, p in params:
-            if not hasattr(p, "_hp_mapping"):
-                raise RuntimeError(f"{n}: DeepSpeed's ZeRO optimizer left no fp32 master mapping on the parameter")
-            h = p._hp_mapping  # None: no element of this parameter lives in this rank's partition
-            out[n] = (Fragment(tuple(p.shape), 0, torch.empty(0)) if h is None else
-                      Fragment(tuple(p.shape), int(h.lp_fragment_address.start), h.get_hp_fragment()))
+            frag = compat.fp32_fragment(p)  # None: no element of this parameter is in this rank's partition
+            start, values = frag if frag is not None else (0, torch.empty(0))
+            out[n] = Fragment(tuple(p.shape), start, values)
         return out
 
     def _stage0_master(self, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """ZeRO 0 under bf16/fp16 (DeepSpeed's FP16_Optimizer): views of each group's flat fp32
         master, cut in the order the group's parameters were flattened (no padding)."""
-        opt = self.ds.optimizer
         names = {id(p): n for n, p in params}
         out: dict[str, torch.Tensor] = {}
-        for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+        for group, flat in compat.fp32_master_groups(self.ds.optimizer):
             offset = 0
             for p in group:
                 out[names[id(p)]] = flat[offset:offset + p.numel()].view(p.shape)
@@ -299,21 +301,28 @@ class Engine:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Collective: every rank writes its shards. `latest` is left to the caller."""
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Collective: every rank writes its shards, each fsynced. Returns what this rank
+        wrote: {path relative to the tag folder: {"size", "hash"}} (hashed as written).
+        `latest` is left to the caller."""
+        self._written.clear()
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        folder = (Path(ckpt_dir) / tag).resolve()
+        return {Path(p).relative_to(folder).as_posix(): v for p, v in self._written.items()
+                if Path(p).is_relative_to(folder)}
 
     def load(self, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str, Any]:
         """Load weights, optimizer state and the client state. `universal`: `tag` is a
         universal checkpoint (see `to_universal`); DeepSpeed re-partitions it for this
         world size. The flag holds for this one load only: later checkpoints of this run
         are ordinary ones, and so are later resumes."""
-        self.ds._config.load_universal_checkpoint = universal
+        compat.set_load_universal(self.ds, universal)
         try:
-            path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            with compat.weights_only_loads():  # the universal load reads outside the checkpoint engine
+                path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
         finally:
-            self.ds._config.load_universal_checkpoint = False
+            compat.set_load_universal(self.ds, False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         if universal:
@@ -376,25 +385,11 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
     optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_dict)
     if cfg.train.zero_stage == 3:
-        _share_fp32_master(ds_engine)
+        compat.share_fp32_master(ds_engine)
         _return_freed_memory()  # the whole model built on this rank is now 1/N of it
     if cfg.train.compile:
         compile_engine(ds_engine)
     return Engine(ds_engine, cfg, config_dict, optimizer)
-
-
-def _share_fp32_master(ds_engine: Any) -> None:
-    """ZeRO-3 with fp32 weights: let the optimizer's fp32 master partition be the weight
-    partition itself, as DeepSpeed intends ("weights ... are already in and updated using
-    fp32. In such cases we don't need another copy", stage3.py _create_fp32_partitions).
-    Its check compares `tensor.device` with the string "cpu"/"cuda:0", which is False under
-    torch 2.14, so 0.19.8 keeps a second copy: 4 bytes per parameter / N. Same values, same
-    updates: the step copies the master into the weights, here onto itself."""
-    opt = ds_engine.optimizer
-    for lp, master in zip(getattr(opt, "fp16_partitioned_groups_flat", []), getattr(opt, "fp32_partitioned_groups_flat", [])):
-        if (lp is not None and master.numel() == lp.numel() and lp.dtype == master.dtype
-                and lp.device == master.device and lp.data_ptr() != master.data_ptr()):
-            master.data = lp.data  # the optimizer keeps the same Parameter object (and its state key)
 
 
 def _return_freed_memory() -> None:
@@ -436,35 +431,21 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with quiet_prints("DeepSpeed's zero_to_fp32"):  # it prints a line per step and a progress bar
+    with quiet_prints("DeepSpeed's zero_to_fp32"), compat.weights_only_loads():  # it prints a line per step
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float().clone() for k, v in sd.items()}
 
 
-def to_universal(src: Path, dst: Path) -> None:
+def to_universal(src: Path, out: Path) -> None:
     """Convert the DeepSpeed checkpoint directory `src` (ZeRO 1-3) into a universal
-    checkpoint at `dst` with DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal):
-    every parameter's fp32 weights and Adam moments, whole, so any world size can load them.
-    One process, no process group. Writes into a temporary directory and renames."""
-    import argparse
-
+    checkpoint in the new folder `out` with DeepSpeed's own converter: every parameter's
+    fp32 weights and Adam moments, whole, so any world size can load them. One process,
+    no process group; weights-only reads. The caller names `out` (a temporary folder) and
+    moves it into place."""
     _deepspeed()
-    from deepspeed.checkpoint import ds_to_universal
-
-    src, dst = Path(src), Path(dst)
+    src, out = Path(src), Path(out)
     if not list(src.glob("*optim_states.pt")):
         raise ValueError(f"{src}: no ZeRO optimizer shards; only ZeRO stage 1-3 checkpoints need (and have) a "
                          f"universal form (stage 0 checkpoints load at any world size as they are)")
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              # Our client state carries no Megatron-style universal_checkpoint_info;
-                              # a plain data-parallel model needs only the version stamp.
-                              inject_missing_state=True)
-    ds_to_universal.main(args)
-    # The converter points `<parent>/latest_universal` at its output folder (our temporary
-    # name); we pass tags explicitly, so drop it rather than leave a dangling name.
-    (tmp.parent / "latest_universal").unlink(missing_ok=True)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    shutil.rmtree(out, ignore_errors=True)
+    compat.ds_to_universal(src, out)

@@ -39,7 +39,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
     where = run_dir / checkpoint.CKPT / tag
-    weights, state = checkpoint.consolidated_weights(run_dir, tag)
+    weights, state = checkpoint.consolidated_weights(run_dir, tag)  # checked against COMPLETE first
     if not state.shapes:
         raise ValueError(f"{where}: checkpoint lacks the latent shapes")
     null_tokens, null_pooled = state.null_embeddings()

@@ -142,14 +142,17 @@ def restore(engine: eng.Engine, ema: EMA | None, run_dir: Path, plan: checkpoint
         else:  # another world size or layout: whole from the checkpoint's files, then re-split
             ema.load_full(checkpoint.consolidated_ema(run_dir, plan.tag), state.ema["updates"])
     how = f" through its universal form ({plan.reason})" if plan.universal else ""
-    log.info(f"resumed from {run_dir / checkpoint.CKPT / plan.tag}{how} at step {state.step}")
+    skipped = f", skipping {len(plan.fallback)} damaged checkpoint(s)" if plan.fallback else ""
+    log.info(f"resumed from {run_dir / checkpoint.CKPT / plan.tag}{how} at step {state.step}{skipped}")
     if plan.universal and dist.is_main():  # this run's later checkpoints are ordinary ones
         eng.write_ds_config(run_dir, eng.ds_config(cfg, world))
     return state
 
 
-def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_params: int) -> Tracker:
-    """Rank 0 owns the MLflow run; its id lives in the checkpoint (the others get a no-op)."""
+def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_params: int,
+                  note: dict[str, str] | None = None) -> Tracker:
+    """Rank 0 owns the MLflow run; its id lives in the checkpoint (the others get a no-op).
+    `note`: extra tags, such as a resume's fallback (`ResumePlan.fallback_tags`)."""
     tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
                       run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
@@ -160,7 +163,7 @@ def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
     tracker.set_tags({"world_size": str(dist.world_size()), "n_params": str(n_params),
-                      "run_dir": str(run_dir.resolve())})
+                      "run_dir": str(run_dir.resolve()), **(note or {})})
     return tracker
 
 
@@ -296,7 +299,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     micro_batch, accum = config_mod.batch_split(cfg, world)
     # Resume is the default whenever the run directory holds a checkpoint. A different
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
-    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, cfg.train.collective_timeout_s)
+    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints,
+                                       timeout_s=cfg.train.collective_timeout_s)
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
     # prompts and the codec to decode samples.
@@ -318,7 +322,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
-    tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params)
+    tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params,
+                            note=resume.fallback_tags() if resume else None)
     schedule = Schedule.from_config(cfg.diffusion)
     evaluator = make_evaluator(cfg, encoders, shapes, latents.heldout_parts, latents.null_text, run_dir,
                                schedule) if make_evaluator is not None else None

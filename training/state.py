@@ -33,8 +33,12 @@ class TrainState:
     null_text: dict[str, torch.Tensor] | None = None  # {"tokens": (L, D), "pooled": (P,)}: CFG's empty caption
 
     def state_dict(self) -> dict[str, Any]:
-        """The client state to save (shallow: tensors are shared, not copied)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The client state to save (shallow: tensors are shared, not copied). Refuses a
+        value a weights-only load could not read back (TypeError naming the field)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in out.items():
+            _check_plain(value, name)
+        return out
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> "TrainState":
@@ -48,6 +52,24 @@ class TrainState:
         if self.null_text is None:
             raise ValueError("checkpoint lacks the null text embedding (written by an older latentforge)")
         return self.null_text["tokens"].float(), self.null_text["pooled"].float()
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Only tensors, str, int, float, bool, None, lists and str-keyed dicts."""
+    if value is None or isinstance(value, (str, int, float, torch.Tensor)):
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"TrainState.{where}: key {k!r} is a {type(k).__name__}, not str or int")
+            _check_plain(v, f"{where}.{k}")
+        return
+    raise TypeError(f"TrainState.{where}: a {type(value).__name__} cannot be saved (a checkpoint holds only "
+                    f"tensors, str, int, float, None, lists and dicts, so it loads with weights_only=True)")
 
 
 def overlay_ema(module: torch.nn.Module, ema_shadow: dict[str, torch.Tensor]) -> None:
