@@ -386,6 +386,7 @@ def test_periodic_eval_releases_its_copy_of_the_unet(tiny_data, monkeypatch) -> 
 
     monkeypatch.setattr(ev, "build_unet", build_and_watch)
     tracker = Tracker(uri="", experiment="x", enabled=False)
+    tracker.start()
     for step in (1, 2):
         metrics = evaluator.run(None, ema, step, tracker)
         assert any(k.startswith("eval/loss_t") for k in metrics)
