@@ -25,12 +25,18 @@ LAUNCH_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_S
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """monkeypatch, with every launcher variable removed from os.environ for the test."""
+def clean_env(monkeypatch: pytest.MonkeyPatch):
+    """monkeypatch, with every launcher variable removed from os.environ for the test. The
+    whole environment is put back afterwards: the code under test exports variables itself
+    (env.apply, engine.bind_device_env), which monkeypatch would not undo."""
+    saved = dict(os.environ)
     for k in list(os.environ):
         if k in LAUNCH_NAMES or k.startswith(LAUNCH_PREFIXES):
             monkeypatch.delenv(k)
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()  # first, or its own undo would bring back values it recorded mid-test
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------
