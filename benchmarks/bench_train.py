@@ -101,10 +101,10 @@ class Stepper:
             gen = step_generator(self.cfg.train.seed, self.rank, i, micro)
             loss = loss_fn(self.model_fn, self.x0, self.cond, self.cfg.diffusion, self.schedule, gen)["loss"]
             self.engine.backward(loss)
-            applied = self.engine.step()
-        if self.ema is not None and applied:
-            self.ema.update(self.engine.ema_parameters(), i)
-        return float(loss)
+            applied = self.engine.step()  # () device flag, as in the trainer: no host sync
+        if self.ema is not None:
+            self.ema.update(self.engine.ema_parameters(), i, applied=applied)
+        return float(loss.detach())
 
     def flops_per_step(self) -> int:
         """U-Net forward + backward FLOPs of one optimizer step (all micro-batches, this rank),

@@ -410,15 +410,17 @@ def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict
     return (parts[:len(parts) - n], parts[len(parts) - n:]) if n else (parts, [])
 
 
-def _leave_sigterm_to_the_rank(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM. SLURM (scancel, preemption) sends it to every process
-    of a job step; torch's own worker handler would die on it, and the rank would then fail
-    with "DataLoader worker exited unexpectedly" instead of checkpointing (DESIGN.md,
-    guarantee 4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a
-    timeout, and a worker exits by itself when its rank is gone."""
+def _leave_stops_to_the_rank(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. SLURM (scancel, preemption) sends SIGTERM
+    to every process of a job step, a terminal's Ctrl-C sends SIGINT to every process of the
+    foreground group; a worker would die on either, and the rank would then fail with
+    "DataLoader worker exited unexpectedly" instead of checkpointing (DESIGN.md, guarantee
+    4). The rank still ends its workers: a sentinel at shutdown, SIGKILL after a timeout,
+    and a worker exits by itself when its rank is gone."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LatentLoader:
@@ -487,7 +489,7 @@ class LatentLoader:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
                                              prefetch_factor=self.prefetch_factor if nw else None,
                                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                             worker_init_fn=_leave_sigterm_to_the_rank if nw else None)
+                                             worker_init_fn=_leave_stops_to_the_rank if nw else None)
             source = iter(dl)
         while self._k < plan.steps:
             if self._k < len(schedule):

@@ -23,6 +23,10 @@ done before. A re-run skips raw shards whose manifest exists and redoes the othe
 scratch (their stale parts and temporaries are removed first), so a killed precompute
 followed by a re-run writes the same bytes as a clean run.
 
+The latent directory must be new, empty or an earlier precompute's (identity.json); one
+that is, holds or lies inside a run, checkpoint or other latent directory or an MLflow
+store is refused before anything is written (`check_latent_dir`).
+
 Every raw sample is either written or listed as rejected with a reason, and
 seen == written + rejected is checked for every shard before its manifest is written
 (DESIGN.md guarantee 1).
@@ -42,6 +46,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from latentforge import outputs
 from latentforge.config import Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data import raw, shards
@@ -272,6 +277,27 @@ def _names(urls: list[str]) -> dict[str, str]:
     return names
 
 
+_OWN_NAMES = {lat.SHARDS, lat.IDENTITY, lat.MANIFEST, lat.NULL_TEXT}
+
+
+def is_latent_output(out: Path) -> bool:
+    """A latent directory an earlier precompute wrote: identity.json (written first), or
+    only what precompute writes (another task of the array may be about to write it)."""
+    return (out / lat.IDENTITY).is_file() or all(
+        p.name in _OWN_NAMES or (p.name.startswith(".") and ".tmp-" in p.name) for p in out.iterdir())
+
+
+def check_latent_dir(cfg: Config) -> Path:
+    """The latent directory, refused (one line) when writing it would destroy work: a run,
+    checkpoint or MLflow folder, a latent directory inside another, a non-empty folder
+    that no precompute wrote (latentforge/outputs.py)."""
+    out_dir = cfg.resolved_latent_dir
+    outputs.check_output_dir(out_dir, command="precompute", metadata=lat.IDENTITY,
+                             is_earlier_output=is_latent_output, own_kind="a latent directory",
+                             stores=outputs.store_paths(cfg.resolved_tracking_uri))
+    return out_dir
+
+
 def _ensure_dataset_identity(out_dir: Path, identity: dict[str, Any]) -> None:
     p = out_dir / lat.IDENTITY
     if p.exists():
@@ -297,10 +323,10 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
     every raw shard is done and `assemble` is not False. `encoders` (built from `cfg` on
     this process's device) saves building them again, e.g. in benchmarks."""
     _check_config(cfg)
+    out_dir = check_latent_dir(cfg)
     urls = shards.expand_shards(cfg.resolved_raw_shards)
     names = _names(urls)
     mine = shards.split_for_task(urls, task_index, num_tasks)
-    out_dir = cfg.resolved_latent_dir
     (out_dir / lat.SHARDS).mkdir(parents=True, exist_ok=True)
 
     from latentforge import dist

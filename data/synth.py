@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from latentforge import outputs
 from latentforge.config import Config
 from latentforge.fileio import atomic_open, atomic_write
 from latentforge.log import get_logger
@@ -226,19 +227,36 @@ def make_sample(index: int, image_size: int, seed: int) -> tuple[str, dict[str, 
     }
 
 
+STAMP = "synth.json"  # beside the shards, written last: the arguments that made them
+_OWN_FILE_RE = re.compile(r"^(\d{5}\.tar|synth\.json|\..+\.tmp-\d+)$")  # shards, stamp, temporary names
+
+
+def _stamp(num_samples: int, samples_per_shard: int, image_size: int, seed: int) -> dict[str, int]:
+    return {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "image_size": image_size,
+            "seed": seed, "version": 1}
+
+
+def is_synth_output(out: Path) -> bool:
+    """A folder an earlier synth wrote: stamped, or (killed before the stamp) only shards."""
+    return (out / STAMP).is_file() or all(_OWN_FILE_RE.match(p.name) for p in out.iterdir())
+
+
 def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, image_size: int,
                  seed: int) -> list[Path]:
     """Write the dataset as raw shards `out_dir/00000.tar`, ...; return their paths in order.
 
     Every shard is (re)written; each appears only when complete (temporary name, then
-    os.replace). Refuses a folder holding other `*.tar` files, which a glob over it would
-    silently mix into the dataset.
+    os.replace); the stamp (STAMP) comes last. Refuses an `out_dir` that would destroy
+    work (latentforge/outputs.py: a run, checkpoint or latent directory, an MLflow store, a
+    non-empty folder other than an earlier synth) and a folder holding other `*.tar`
+    files, which a glob over it would silently mix into the dataset.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard: must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
+    outputs.check_output_dir(out, command="data synth", metadata=STAMP, is_earlier_output=is_synth_output)
     out.mkdir(parents=True, exist_ok=True)
     num_shards = -(-num_samples // samples_per_shard)
     paths = [out / f"{i:05d}.tar" for i in range(num_shards)]
@@ -252,10 +270,8 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard
                 key, files = make_sample(index, image_size, seed)
                 for ext in sorted(files):
                     _add(tar, f"{key}.{ext}", files[ext])
+    atomic_write(out / STAMP, json.dumps(_stamp(num_samples, samples_per_shard, image_size, seed), sort_keys=True))
     return paths
-
-
-STAMP = "synth.json"  # beside the shards: the arguments that made them
 
 
 def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, image_size: int,
@@ -268,8 +284,7 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
     writes identical bytes under its own temporary names.
     """
     out = Path(out_dir)
-    args = {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "image_size": image_size,
-            "seed": seed, "version": 1}
+    args = _stamp(num_samples, samples_per_shard, image_size, seed)
     stamp = out / STAMP
     if stamp.exists():
         old = json.loads(stamp.read_text())
@@ -280,9 +295,7 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
         paths = [out / f"{i:05d}.tar" for i in range(-(-num_samples // samples_per_shard))]
         if all(p.exists() for p in paths):
             return paths
-    paths = write_shards(out, num_samples, samples_per_shard, image_size, seed)
-    atomic_write(stamp, json.dumps(args, sort_keys=True))
-    return paths
+    return write_shards(out, num_samples, samples_per_shard, image_size, seed)
 
 
 def ensure_synth(cfg: Config) -> None:

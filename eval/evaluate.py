@@ -12,6 +12,8 @@ What one `evaluate(model, step, tracker, cfg_scale=s)` computes; every rank take
                         eval.images_per_prompt, with fixed noise per cell, dealt round-robin
                         over ranks; the few images are gathered to rank 0 -> samples/*.png.
     eval/shape_*        prompt adherence of the grid images (eval/adherence.py).
+    eval/diversity_*    same-prompt against different-prompt distances in the grid
+                        (eval/diversity.py; with eval.images_per_prompt >= 2).
     eval/fid            the FID set: the captions of the first eval.fid_num_images held-out
                         latents (their stored text embeddings), fixed noise per index,
                         dealt round-robin, sampled in batches of eval.fid_batch_size. Each
@@ -39,6 +41,13 @@ kept between evals it would undo what ZeRO-3 saves). On a GPU the forward passes
 and the held-out loss) run under torch.autocast in the training precision
 (latentforge.dist.autocast); on a CPU in fp32, as before. The held-out loss runs in
 batches of eval.heldout_batch_size.
+
+
+A stop signal (SIGUSR2, SIGTERM, SIGINT: training/control.py) interrupts an evaluation at
+the next batch boundary: before the held-out loss, before each batch of the FID reference
+and of the FID set, before the grid. Every rank checks there (one tiny all-reduce; ranks
+with fewer FID images still take part in every round), so all raise EvalInterrupted
+together and the caller checkpoints (periodic) or closes its run (stand-alone).
 """
 
 from __future__ import annotations
@@ -57,8 +66,9 @@ from latentforge.config import Config
 from latentforge.data import latents as lat
 from latentforge.data.loader import Finalize, finalize
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
-from latentforge.fileio import write_json
+from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
+from latentforge.training.control import check_stop
 from latentforge.training.unet import build_unet, unet_forward
 
 log = get_logger("eval")
@@ -75,6 +85,18 @@ class FidSet:
     pooled: torch.Tensor  # (n, P) float32
     means: torch.Tensor  # (n, C, h, w) float32 unscaled posterior means (the reference images)
     dataset: dict[str, Any]  # what identifies the samples, for the reference-cache key
+
+
+def _progress(what: str, done: int, total: int, t0: float, last: float) -> float:
+    """A progress line of a long FID loop (rank 0's share) every 10 s and at its end.
+    Returns when the last line was printed."""
+    now = time.monotonic()
+    if now - last <= 10 and done < total:
+        return last
+    rate = done / max(now - t0, 1e-9)
+    log.info(f"{what}: rank 0 {done}/{total} images, {rate:.2f} images/s per rank, "
+             f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
+    return now
 
 
 class Evaluator:
@@ -300,6 +322,7 @@ class Evaluator:
                          "prediction": self.cfg.diffusion.prediction},
         }
         if heldout:
+            check_stop("held-out loss")
             metrics.update(self.heldout_metrics(model))
             protocol["heldout_loss"] = {"samples": self._heldout_total(), "buckets": self.cfg.eval.heldout_buckets}
 
@@ -317,6 +340,7 @@ class Evaluator:
             protocol["clip_score"] = {"skipped": "eval.clip_score=false"}
 
         # Sample grid (and CLIP score on it when there is no FID set), then adherence.
+        check_stop("sample grid")
         grid_metrics, grid_protocol = self._grid(model_fn, step, tracker, cfg_scale, suffix, clip_on_grid)
         metrics.update(grid_metrics)
         protocol.update(grid_protocol)
@@ -399,9 +423,14 @@ class Evaluator:
             log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
-            for i in range(0, fs.means.shape[0], bs):
-                pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
-                stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+            n_mine = fs.means.shape[0]
+            t0 = last = time.monotonic()
+            for i in self._rounds(fs.total, bs):
+                check_stop("FID reference")
+                if i < n_mine:
+                    pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
+                    stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
+                    last = _progress("FID reference", min(i + bs, n_mine), n_mine, t0, last)
             return stats.all_reduce()
 
         stats, hit = fid.reference_stats(cache_dir, key_parts, compute)
@@ -427,7 +456,10 @@ class Evaluator:
         clip_sum, n_mine = 0.0, fs.means.shape[0]
         t0 = last = time.monotonic()
         resolution = h * self.encoders.codec.downsample
-        for i in range(0, n_mine, bs):
+        for i in self._rounds(fs.total, bs):
+            check_stop("FID set")
+            if i >= n_mine:  # this rank's share is done; it still meets the others at each boundary
+                continue
             idx = fs.indices[i:i + bs]
             x_T = torch.stack([fid_noise(self.cfg.eval.seed, k, (C, h, w)) for k in idx])  # (B, C, h, w)
             u8 = to_uint8_nchw(self._sample(model_fn, fs.text[i:i + bs], fs.pooled[i:i + bs], x_T, cfg_scale))
@@ -435,12 +467,7 @@ class Evaluator:
             stats.update(fid.image_features(inception, u8, bs))  # (B, 2048)
             if scorer is not None:
                 clip_sum += float(scorer.score(u8, fs.captions[i:i + bs]).double().sum())
-            done = min(i + bs, n_mine)
-            if time.monotonic() - last > 10 or done == n_mine:  # progress on long FID runs
-                last = time.monotonic()
-                rate = done / max(last - t0, 1e-9)
-                log.info(f"FID set (cfg {cfg_scale:g}): rank 0 {done}/{n_mine} images, {rate:.2f} "
-                         f"images/s per rank, ETA {(n_mine - done) / max(rate, 1e-9) / 60:.1f} min")
+            last = _progress(f"FID set (cfg {cfg_scale:g})", min(i + bs, n_mine), n_mine, t0, last)
         stats.all_reduce()
         value = fid.fid_from_stats(stats, ref)
         metrics = {inception.metric_name: value}
@@ -456,6 +483,13 @@ class Evaluator:
             protocol["clip_score"] = {**scorer.protocol(), "value": value, "pairs": fs.total,
                                       "set": "FID set (generated image, its held-out caption)"}
         return metrics, protocol
+
+    @staticmethod
+    def _rounds(total: int, bs: int) -> range:
+        """Batch offsets every rank walks through for a set of `total` images dealt
+        round-robin: as many as the rank with the most images needs."""
+        most = -(-total // dist.world_size())
+        return range(0, most, bs)
 
     def _grid(self, model_fn: Any, step: int, tracker: Any, cfg_scale: float, suffix: str,
               with_clip: bool) -> tuple[dict[str, float], dict[str, Any]]:
@@ -494,9 +528,15 @@ class Evaluator:
             name = f"step_{step:08d}{suffix}.png"
             out = self.out_dir / "samples" / name
             out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
+            with atomic_open(out) as f:
+                grid.save(f, format="PNG")
             tracker.log_image(grid, f"samples/{name}")
             metrics.update(self._adherence(grid_images, [self.prompts[i] for i, _ in cells]))
+            if per > 1:  # two samples of one prompt must differ (eval/diversity.py)
+                from latentforge.eval.diversity import diversity
+
+                d = diversity(grid_images, [i for i, _ in cells])
+                metrics.update({f"eval/diversity_{k}": v for k, v in d.items()})
         # Rank 0 alone scored adherence; the others learn the numbers so every rank returns
         # the same metrics (the stand-alone sweep tabulates them on rank 0 only, but a
         # caller must not see rank-dependent keys).

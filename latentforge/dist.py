@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from latentforge.config import ConfigError
+from latentforge.env import bind_gloo_interface
 
 # The launcher's LOCAL_RANK, kept here once `engine.init_distributed` has rewritten LOCAL_RANK
 # to the CUDA ordinal (the meaning DeepSpeed gives that name).
@@ -169,6 +170,7 @@ def init(timeout_s: float = 600.0) -> None:
     if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1 and "MASTER_ADDR" not in os.environ:
         return
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
     if device().type == "cuda":
         torch.cuda.set_device(device())
     dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))

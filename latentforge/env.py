@@ -23,11 +23,24 @@ Two jobs sharing a node collide only if their ids differ by a multiple of 15000.
 Under SLURM and submitit, MASTER_ADDR / MASTER_PORT exported by the job script (see
 slurm/templates/train.sbatch) win over the derived values: a site can override them.
 
+The network of a job that spans nodes (`bind_gloo_interface`). gloo binds every rank to the
+address its own hostname resolves to, unless GLOO_SOCKET_IFNAME names an interface. Where
+the hostname resolves to something the other nodes cannot reach (Debian's `127.0.1.1
+HOSTNAME` line, a management address, no entry at all), gloo falls back to loopback or
+binds the wrong address and the first cross-node collective waits until the timeout. So
+when the job spans nodes and GLOO_SOCKET_IFNAME is unset, it is set to the interface that
+holds this node's address on the route to MASTER_ADDR (resolved here, with a one-line error
+if it does not resolve): the network the rendezvous itself uses. NCCL is left to choose its
+own interfaces (it prefers InfiniBand and skips loopback and docker bridges; forcing the
+route to the master's name could move it onto a slower management network); a site whose
+NCCL picks wrongly sets NCCL_SOCKET_IFNAME in its profile's `env`, like any other variable.
+
 This module is imported by launch code and job pickles: no torch here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -322,3 +335,95 @@ def apply(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     })
+
+
+# ---------------------------------------------------------------------------------------
+# The network of a job that spans nodes.
+
+
+@dataclass(frozen=True)
+class Route:
+    """How this node reaches the job's rendezvous."""
+
+    peer: str  # the host routed to: MASTER_ADDR, or another node of the job (see `route_to_job`)
+    peer_ip: str  # its address, resolved on this node
+    local_ip: str  # this node's address on the way there: what the other nodes reach this rank at
+    ifname: str  # the interface holding local_ip
+
+
+def resolve_host(host: str, what: str = "MASTER_ADDR") -> list[str]:
+    """The addresses `host` resolves to on this node, IPv4 first; one line naming `what` if none."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"{what}: {host!r} does not resolve on {socket.gethostname()} "
+                         f"({getattr(e, 'strerror', None) or e}); every node of the job must resolve the node names "
+                         f"(DNS or /etc/hosts), or the profile's env must set {what} to an address") from None
+    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+    v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+    return list(dict.fromkeys(v4 + v6))
+
+
+def source_address(ip: str) -> str:
+    """The local address a connection to `ip` would leave from (a UDP connect only picks
+    the route; nothing is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((ip, 9))
+        return str(s.getsockname()[0])
+
+
+def interface_of(address: str) -> str:
+    """The name of the interface that holds `address`."""
+    import psutil  # late: only jobs that span nodes need it
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)):
+            return name
+    raise ValueError(f"GLOO_SOCKET_IFNAME: no interface of {socket.gethostname()} holds {address}, the address on "
+                     f"the route to the job's master; set GLOO_SOCKET_IFNAME in the profile's env")
+
+
+def spans_nodes(environ: Mapping[str, str]) -> bool:
+    """Whether the ranks described by `environ` (after `apply`) sit on more than one node."""
+    world = int(environ.get("WORLD_SIZE") or 1)
+    return world > int(environ.get("LOCAL_WORLD_SIZE") or world)
+
+
+def route_to_job(environ: Mapping[str, str]) -> Route:
+    """This node's way to the rendezvous: the route to MASTER_ADDR. On the master's own node
+    the name may resolve to loopback (Debian maps its own hostname to 127.0.1.1); the route
+    to another node of the SLURM job then says which interface the nodes share."""
+    master = environ.get("MASTER_ADDR", "")
+    if not master:
+        raise ValueError("MASTER_ADDR: not set; `apply(discover())` exports it before the process group starts")
+    me = {socket.gethostname(), socket.gethostname().split(".")[0], environ.get("SLURMD_NODENAME", "")}
+    nodelist = environ.get("SLURM_JOB_NODELIST", "")
+    others = [h for h in (expand_nodelist(nodelist) if nodelist else []) if h not in me and h != master]
+    for i, host in enumerate([master, *others]):
+        try:
+            ips = resolve_host(host, "MASTER_ADDR" if i == 0 else "SLURM_JOB_NODELIST")
+        except ValueError:
+            if i == 0:
+                raise
+            continue  # another node's name is only a fallback
+        for ip in ips:
+            if not ipaddress.ip_address(ip.split("%")[0]).is_loopback:
+                local = source_address(ip)
+                return Route(host, ip, local, interface_of(local))
+    raise ValueError(f"GLOO_SOCKET_IFNAME: cannot tell which interface the nodes share: MASTER_ADDR {master!r} "
+                     f"resolves only to loopback on {socket.gethostname()} and no other node of the job resolves; "
+                     f"set GLOO_SOCKET_IFNAME in the profile's env")
+
+
+def bind_gloo_interface(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set GLOO_SOCKET_IFNAME for a job that spans nodes, unless it is set (see the module
+    docstring). Returns what was decided, for the log ("" for a job on one node)."""
+    target = os.environ if environ is None else environ
+    if target.get("GLOO_SOCKET_IFNAME"):
+        return f"gloo on {target['GLOO_SOCKET_IFNAME']} (GLOO_SOCKET_IFNAME as set)"
+    if not spans_nodes(target):
+        return ""
+    route = route_to_job(target)
+    target["GLOO_SOCKET_IFNAME"] = route.ifname
+    return f"gloo on {route.ifname} ({route.local_ip}), the interface on the route to {route.peer} ({route.peer_ip})"

@@ -2,9 +2,13 @@
 
 Each child gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, exactly as
 torchrun would set them, so the child takes the same code path as under any launcher.
-Signals sent to the parent (Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2) are forwarded to every child;
-if one child fails, the others get SIGTERM, then SIGKILL after a grace period: a dead
-rank never leaves the rest hanging.
+SIGTERM, SIGUSR1 and SIGUSR2 sent to the parent are forwarded to every child. SIGINT is
+not: Ctrl-C reaches every process of the terminal's foreground group, the children
+included, and a second copy from here would land in the middle of their orderly stop
+(training/control.py). The parent waits for them. To interrupt a launcher that has no
+terminal, signal its process group (`kill -INT -PGID`) or send it SIGTERM. If one child
+fails, the others get SIGTERM, then SIGKILL after a grace period: a dead rank never leaves
+the rest hanging.
 """
 
 from __future__ import annotations
@@ -48,8 +52,16 @@ def spawn(argv: list[str], nproc: int, grace_s: float = 30.0, env: dict[str, str
             if p.poll() is None:
                 p.send_signal(signum)
 
+    interrupted: list[int] = []
+
+    def note_interrupt(signum: int, frame: object) -> None:
+        if not interrupted:  # the ranks got it too; they save and exit by themselves
+            print("latentforge: interrupted; the ranks save a checkpoint and exit", file=sys.stderr, flush=True)
+        interrupted.append(signum)
+
     # SIGUSR1 asks for an on-demand checkpoint; SIGUSR2/SIGTERM for checkpoint-and-stop.
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, note_interrupt)
     try:
         code = 0
         deadline: float | None = None

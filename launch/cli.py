@@ -14,6 +14,7 @@ Heavy imports (torch, deepspeed, mlflow, open_clip) happen inside the handlers, 
     latentforge submit KIND --profile P       the same jobs through submitit (SLURM or local)
     latentforge status RUN_DIR                job state, step, last metrics, log tail
     latentforge runs compare EXPERIMENT       compare MLflow runs
+    latentforge runs sync RUN_DIR             deliver what jobs could not send to MLflow
     latentforge ckpt universal RUN_DIR        universal checkpoint: resume at another world size
     latentforge ckpt verify RUN_DIR           each checkpoint: intact, damaged (and why) or incomplete
     latentforge demo                          the whole pipeline on the embedded defaults
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     rc = rsub.add_parser("compare", help="table of an experiment's runs")
     rc.add_argument("rest", nargs=argparse.REMAINDER)
+    rs = rsub.add_parser("sync", help="deliver the records that jobs of a run could not send to MLflow "
+                                      "(RUN_DIR/tracking and its stand-alone evals')")
+    rs.add_argument("run_dir")
+    rs.add_argument("--uri", default=None, help="tracking URI (default: the one each job used)")
 
     dm = sub.add_parser("demo", help="synth -> precompute -> train (2 ranks) -> eval -> export on the tiny preset")
     dm.add_argument("--run-root", default="runs", help="where data, runs and the MLflow store go")
@@ -191,7 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from latentforge.training.loop import train
 
     result = train(cfg, make_evaluator=Evaluator)
-    return spawn.REQUEUE_EXIT_CODE if result.preempted else 0
+    if not result.preempted:
+        return 0
+    from latentforge.training.control import exit_code_for_stop
+
+    return exit_code_for_stop()  # 130 after Ctrl-C, else the requeue code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -267,6 +276,17 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.runs_command == "sync":
+        from latentforge.training.tracking import sync
+
+        results = sync(args.run_dir, uri=args.uri)
+        for r in results:
+            print(f"{r.spool}: run {r.run_id or '(not created)'}: {r.delivered} records delivered"
+                  + (f", {r.left} still waiting (the store is unreachable?)" if r.left else "")
+                  + "".join(f"; {n}" for n in r.notes))
+        if not results:
+            print(f"{args.run_dir}: nothing waiting to be delivered")
+        return 1 if any(r.left for r in results) else 0
     from latentforge.training.runs import main as runs_main
 
     return runs_main(args.rest)
@@ -316,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"latentforge: {e} (set LATENTFORGE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command took SIGINT over (start-up): one line, not a traceback
+        if os.environ.get("LATENTFORGE_DEBUG"):
+            raise
+        print("latentforge: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

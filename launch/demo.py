@@ -21,7 +21,7 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
     from latentforge.data.synth import ensure_synth
 
     t0 = time.monotonic()
-    base = [f"run_root={run_root}", "run_name=demo", "nproc=2", *(overrides or [])]
+    base = [f"run_root={run_root}", "run_name=demo", "nproc=2", *_fid_overrides(), *(overrides or [])]
     cfg = resolve("tiny", None, base)
 
     log.info("1/4 synthetic data")
@@ -43,14 +43,14 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
     from latentforge.training.export import export
 
     run_dir = cfg.resolved_run_dir
-    out = export(run_dir, run_dir / "export")
+    out = export(run_dir, Path(run_root) / "exports" / "demo")  # not inside the run: exports never are
     prompts = ["a large red circle in the center on a white background",
                "a small blue square in the top left on a black background",
                "a large green triangle in the bottom right on a gray background"]
-    sample_path = sample_from_export(out, prompts, run_dir / "export_samples.png", n=4)
+    sample_path = sample_from_export(out, prompts, Path(run_root) / "exports" / "demo_samples.png", n=4)
 
     grids = sorted((run_dir / "samples").glob("step_*.png"))
-    run_id = _run_id(run_dir)
+    run_id = _run_id(out)
     uri = cfg.resolved_tracking_uri
     print()
     print(f"demo finished in {(time.monotonic() - t0) / 60:.1f} min")
@@ -62,6 +62,21 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
     print(f"    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
     print(f"    then browse {run_url('http://127.0.0.1:5000', uri, cfg.tracking.experiment, run_id)}")
     return 0
+
+
+def _fid_overrides() -> list[str]:
+    """Real FID on held-out images in the final eval when `make fid-weights` has stored the
+    Inception (make demo does it first); without it, eval/fid_randinit, said once."""
+    from latentforge.eval.fid import DEFAULT_WEIGHTS
+
+    if not Path(DEFAULT_WEIGHTS).is_file():
+        log.info(f"{DEFAULT_WEIGHTS} is absent (`make fid-weights` stores it): FID with a random Inception, "
+                 f"logged as eval/fid_randinit")
+        return [f"eval.fid_num_images={DEMO_FID_IMAGES}"]
+    return [f"eval.inception_path={DEFAULT_WEIGHTS}", f"eval.fid_num_images={DEMO_FID_IMAGES}"]
+
+
+DEMO_FID_IMAGES = 128  # held-out captions sampled for the final eval's FID (Inception at 299 px on a CPU: ~1 min)
 
 
 def run_url(ui: str, uri: str, experiment: str, run_id: str | None) -> str:
@@ -77,8 +92,8 @@ def run_url(ui: str, uri: str, experiment: str, run_id: str | None) -> str:
     return f"{ui}/#/experiments/{exp.experiment_id}" + (f"/runs/{run_id}" if run_id else "")
 
 
-def _run_id(run_dir: Path) -> str | None:
+def _run_id(export_dir: Path) -> str | None:
     import json
 
-    meta = json.loads((run_dir / "export" / "latentforge.json").read_text())
+    meta = json.loads((export_dir / "latentforge.json").read_text())
     return meta.get("mlflow_run_id")

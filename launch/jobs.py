@@ -79,6 +79,38 @@ class RequeueRefused(RuntimeError):
     """A preempted job that will not be requeued; the message says why."""
 
 
+def requeue_job(job: Any, home: Path, done: str, walltime_s: float, hint: str) -> None:
+    """Rank 0, after every rank stopped: submitit's requeue with its timeout countdown (what
+    its SignalHandler.checkpoint_and_try_requeue does, after the save instead of in the
+    signal handler). `done` says what was saved, `hint` what to do when refused. The
+    submitted pickle is read only from the job's folder under `home` (records.trusted_pickle)."""
+    import submitit
+    from submitit.core import utils as su
+
+    from latentforge.launch.records import trusted_pickle
+
+    jenv = submitit.JobEnvironment()
+    paths = jenv.paths
+    current = su.DelayedSubmission.load(trusted_pickle(paths.submitted_pickle, paths.folder, home))
+    timed_out = submitit_timed_out(walltime_s, current._timeout_min)
+    countdown = current._timeout_countdown - int(timed_out)
+    reason = requeue_refusal(countdown)
+    if reason:
+        raise RequeueRefused(f"job {jenv.job_id} not requeued: {reason}. {hint}")
+    nxt = su.DelayedSubmission(job)  # the same job: it finds its state by itself
+    nxt.set_timeout(current._timeout_min, countdown)
+    with su.temporary_save_path(paths.submitted_pickle) as tmp:
+        nxt.dump(tmp)
+    log.info(f"{'timed out' if timed_out else 'preempted'}: {done}; requeueing job {jenv.job_id} "
+             f"({countdown} timeout(s) left)")
+    jenv._requeue(countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144, the controller restarts
+    sys.exit(REQUEUE_EXIT_CODE)
+
+
+def stopped_by(signums: set[int]) -> str:
+    return ", ".join(signal.Signals(s).name for s in sorted(signums)) or "a stop signal"
+
+
 def submitit_timed_out(walltime_s: float, timeout_min: float) -> bool:
     """submitit 1.5.4's rule (SignalHandler.has_timed_out): a signal counts as a timeout once
     the job ran min(80 % of its limit, limit - 10 min). So with a limit of 10 minutes or
@@ -173,38 +205,16 @@ class TrainJob:
                      extra=ALL_RANKS)
             sys.exit(REQUEUE_EXIT_CODE)
         if signal.SIGUSR2 not in signums:
-            names = ", ".join(signal.Signals(s).name for s in sorted(signums)) or "a stop signal"
             raise RequeueRefused(
-                f"stopped by {names} at step {result.step} (checkpoint written in {run_dir}); SIGTERM comes from "
+                f"stopped by {stopped_by(signums)} at step {result.step} (checkpoint written in {run_dir}); SIGTERM comes from "
                 f"scancel, or from a SLURM preemption that requeues the job by itself, so the job does not "
                 f"requeue itself. Resubmit the same command to resume.")
         self._requeue(result.step, time.time() - t_start)
         raise AssertionError("unreachable: _requeue exits")  # pragma: no cover
 
     def _requeue(self, step: int, walltime_s: float) -> None:
-        """Rank 0, after every rank saved: submitit's requeue with its timeout countdown
-        (what its SignalHandler.checkpoint_and_try_requeue does, after the save instead of
-        in the signal handler)."""
-        import submitit
-        from submitit.core import utils as su
-
-        jenv = submitit.JobEnvironment()
-        paths = jenv.paths
-        current = su.DelayedSubmission.load(paths.submitted_pickle)
-        timed_out = submitit_timed_out(walltime_s, current._timeout_min)
-        countdown = current._timeout_countdown - int(timed_out)
-        reason = requeue_refusal(countdown)
-        if reason:
-            raise RequeueRefused(f"job {jenv.job_id} not requeued: {reason}. The checkpoint at step {step} is in "
-                                 f"{self.run_dir}; resubmit the same command to continue.")
-        nxt = su.DelayedSubmission(self)  # the same job: it finds `latest` by itself
-        nxt.set_timeout(current._timeout_min, countdown)
-        with su.temporary_save_path(paths.submitted_pickle) as tmp:
-            nxt.dump(tmp)
-        log.info(f"{'timed out' if timed_out else 'preempted'}: checkpointed at step {step}; requeueing job "
-                 f"{jenv.job_id} ({countdown} timeout(s) left)")
-        jenv._requeue(countdown)  # SLURM: scontrol requeue (kills this step); local: exit 144, the controller restarts
-        sys.exit(REQUEUE_EXIT_CODE)
+        requeue_job(self, Path(self.run_dir), f"checkpointed at step {step}", walltime_s,
+                    f"The checkpoint at step {step} is in {self.run_dir}; resubmit the same command to continue.")
 
     def checkpoint(self) -> Any:
         """submitit's hook (rank 0, inside its signal handler). Reached only if the signal
@@ -218,19 +228,35 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Stand-alone evaluation (`latentforge eval TARGET`) as a job. It writes nothing
-    partial, so on a timeout or preemption submitit's own handler requeues it as it is and
-    it starts over (within max_num_timeout)."""
+    """Stand-alone evaluation (`latentforge eval TARGET`) as a job. Like TrainJob it takes
+    SIGUSR2/SIGTERM over on every rank: the eval stops at the next batch boundary on all
+    ranks, marks its MLflow run KILLED, and rank 0 requeues the job on SIGUSR2 (within
+    max_num_timeout); the requeued job starts the eval over (it writes nothing partial)."""
 
     source: ConfigSource
     target: str  # RUN_DIR or an export directory (absolute)
 
     def __call__(self) -> int:
+        t_start = time.time()
+        take_over_stop_signals()  # before any slow import: a USR2 now is only recorded
         configure_logging()
         self.source.enter()
+        from latentforge.training.control import STOP  # late: torch
+
+        hand_over_to(STOP)
         from latentforge.eval.standalone import main  # late: another module's heavy imports
 
         code = main(self.target, self.source.preset, self.source.config_file, list(self.source.overrides))
+        if code == REQUEUE_EXIT_CODE:  # every rank stopped at the same batch boundary
+            from latentforge.env import discover
+
+            if discover().rank != 0:
+                sys.exit(REQUEUE_EXIT_CODE)  # rank 0 decides, on the signal it saw
+            if STOP.signum != signal.SIGUSR2:
+                raise RequeueRefused(f"eval of {self.target} stopped by {stopped_by({STOP.signum} - {None})}; "
+                                     f"resubmit the same command to run it")
+            requeue_job(self, Path(self.target), "the eval stopped at a batch boundary (it starts over)",
+                        time.time() - t_start, "Resubmit the same command to run the eval.")
         if code:
             raise RuntimeError(f"eval of {self.target} exited with code {code}; see this task's log")
         return code

@@ -5,6 +5,12 @@
 
 A job's state comes from sacct (squeue where accounting is missing) for SLURM jobs, and
 from the controller's pid and submitit's result files for local ones. No torch here.
+
+submitit's result files are pickles: loading one runs whatever code it names. One is loaded
+only from the job's own folder (`trusted_pickle`): inside the folder its record names,
+which must lie under the directory that holds the record (the run directory, or
+precompute_jobs/), a regular file owned by this user, and neither it nor its folder
+writable by every user. Anything else is refused with one line.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,9 +51,30 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, rec: dict[str, Any]) -> None:
+    """Append one JSON line, fsynced before it returns.
+
+    An append rather than the atomic rewrite other files get: the line goes out in one
+    write(2) on a file opened O_APPEND, so concurrent submitters on one machine never
+    interleave (a rewrite would lose one of two concurrent records), and a crash can at
+    worst leave the last line torn. `read_records` skips a torn line, and the next append
+    starts with a newline so that its record is not glued onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:  # one write per line: concurrent submitters do not interleave
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
+    data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        if os.write(fd, data) != len(data):
+            raise OSError(f"{path}: short write appending a job record (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        from latentforge.fileio import fsync_dir
+
+        fsync_dir(path.parent)
 
 
 def job_folder(folder_pattern: Path, job_id: str) -> Path:
@@ -117,7 +145,33 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
-def _local_state(rec: dict[str, Any]) -> dict[str, Any]:
+class UntrustedPickle(ValueError):
+    """A pickle that is not loaded; the message names the file and why."""
+
+
+def trusted_pickle(path: str | os.PathLike, folder: str | os.PathLike, home: str | os.PathLike) -> Path:
+    """`path`, resolved, if a pickle there may be loaded: inside the job's `folder`, which
+    lies inside `home` (the directory holding the job's record); a regular file owned by
+    this user; neither it nor its folder writable by every user. Else UntrustedPickle."""
+    p = Path(path).resolve()
+    folder_r, home_r = Path(folder).resolve(), Path(home).resolve()
+    if not folder_r.is_relative_to(home_r):
+        raise UntrustedPickle(f"{path}: the job folder {folder} is not under {home}; the pickle is not loaded")
+    if not p.is_relative_to(folder_r):
+        raise UntrustedPickle(f"{path}: not inside the job folder {folder}; the pickle is not loaded")
+    uid = os.getuid()
+    for q in (p, p.parent):
+        st = q.stat()
+        if st.st_uid != uid:
+            raise UntrustedPickle(f"{q}: owned by uid {st.st_uid}, not by you (uid {uid}); the pickle is not loaded")
+        if st.st_mode & stat.S_IWOTH:
+            raise UntrustedPickle(f"{q}: writable by every user; the pickle is not loaded")
+    if not stat.S_ISREG(p.stat().st_mode):
+        raise UntrustedPickle(f"{path}: not a regular file; the pickle is not loaded")
+    return p
+
+
+def _local_state(rec: dict[str, Any], home: Path) -> dict[str, Any]:
     """A local-executor job: its controller's pid, then its result files."""
     jid = str(rec["job_id"])
     if jid.isdigit() and _pid_alive(int(jid)):
@@ -131,20 +185,23 @@ def _local_state(rec: dict[str, Any]) -> dict[str, Any]:
     outcomes = []
     for p in results:
         try:
-            with open(p, "rb") as f:
+            with open(trusted_pickle(p, folder, home), "rb") as f:
                 outcomes.append(pickle.load(f)[0])
+        except UntrustedPickle as e:
+            return {"state": "UNKNOWN (result file refused)", "attempts": 1, "note": str(e)}
         except Exception:  # a result pickle we cannot read says nothing about success
             outcomes.append("unreadable")
     return {"state": "COMPLETED" if all(o == "success" for o in outcomes) else "FAILED", "attempts": 1}
 
 
-def job_states(records: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
-    """{job_id: state info} for records of either executor, and a note on where they came from."""
+def job_states(records: Sequence[dict[str, Any]], home: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """{job_id: state info} for records of either executor (read from the jobs file in
+    `home`), and a note on where they came from."""
     slurm_ids = [str(r["job_id"]) for r in records if r.get("cluster") == "slurm"]
     states, note = _slurm_states(slurm_ids)
     for r in records:
         if r.get("cluster") == "local":
-            states[str(r["job_id"])] = _local_state(r)
+            states[str(r["job_id"])] = _local_state(r, Path(home))
     return states, note
 
 
@@ -178,11 +235,11 @@ def results_written(rec: dict[str, Any], job_id: str) -> bool:
     return all((folder / f"{job_id}_{t}_result.pkl").is_file() for t in range(tasks))
 
 
-def active_jobs(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(job_id, state) of recorded jobs that are still pending or running."""
+def active_jobs(records: Sequence[dict[str, Any]], home: Path) -> list[tuple[str, str]]:
+    """(job_id, state) of recorded jobs (from the jobs file in `home`) still pending or running."""
     if not records:
         return []
-    states, _ = job_states(records)
+    states, _ = job_states(records, home)
     out = []
     for r in records:
         for jid in r.get("job_ids") or [str(r["job_id"])]:

@@ -84,8 +84,8 @@ def _mlflow_lines(run_dir: Path) -> list[str]:
         return [f"  (MLflow unavailable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"]
 
 
-def _job_lines(records: list[dict[str, Any]], limit: int = 10) -> list[str]:
-    states, note = jobrec.job_states(records[-limit:])
+def _job_lines(records: list[dict[str, Any]], home: Path, limit: int = 10) -> list[str]:
+    states, note = jobrec.job_states(records[-limit:], home)
     lines = []
     for r in records[-limit:]:
         ids = r.get("job_ids") or [str(r["job_id"])]
@@ -108,6 +108,8 @@ def _job_lines(records: list[dict[str, Any]], limit: int = 10) -> list[str]:
                 extra.append(f"elapsed {s['elapsed']}")
             if s.get("exit_code") and s["state"] not in jobrec.ACTIVE_STATES:
                 extra.append(f"exit {s['exit_code']}")
+            if s.get("note"):
+                extra.append(s["note"])
             lines.append(f"  {jid:<12} {r['kind']:<10} {s['state']:<12} {', '.join(extra)}"
                          f"  (submitted {r.get('time', '?')}, {r.get('cluster')})")
     if note:
@@ -147,7 +149,7 @@ def status(run_dir: str | os.PathLike) -> str:
     out = [f"run directory {d}"]
     if records:
         out.append("jobs (newest last):")
-        out += _job_lines(records)
+        out += _job_lines(records, d)
     else:
         out.append(f"jobs: none recorded in {d / jobrec.JOBS_FILE} (submitted without `latentforge submit`?)")
     if records and all(r.get("kind") == "precompute" for r in records):

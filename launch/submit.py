@@ -128,7 +128,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
             raise SubmitError("--target is for `submit eval`")
         _world_check(cfg, prof, where)
         run_dir = cfg.resolved_run_dir.resolve()
-        busy = jobrec.active_jobs(jobrec.read_records(run_dir / jobrec.JOBS_FILE))
+        busy = jobrec.active_jobs(jobrec.read_records(run_dir / jobrec.JOBS_FILE), run_dir)
         if busy:
             jid, st = busy[0]
             raise SubmitError(f"{run_dir}: job {jid} is still {st} in this run directory; two jobs would write the "
@@ -167,7 +167,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
             raise SubmitError(f"--task-index: {task_index} is outside 0..{num_tasks - 1}")
         indices = [task_index]
     elif resubmit_failed:
-        busy = jobrec.active_jobs(previous)
+        busy = jobrec.active_jobs(previous, jobs_dir)
         if busy:
             raise SubmitError(f"precompute job {busy[0][0]} is still {busy[0][1]}; wait for the array to end "
                               f"before resubmitting its failed tasks")
@@ -269,7 +269,7 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
             time.sleep(poll_s)  # polling interval: sacct has no way to notify us
     code = 0
     for job in sub.jobs:
-        msg = job_failure(job)
+        msg = job_failure(job, sub.record_file.parent)
         if msg:
             code = 1
             out(f"[submit] job {job.job_id} failed:\n{msg}")
@@ -280,14 +280,19 @@ def wait_for(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = Non
     return code
 
 
-def job_failure(job: Any) -> str:
+def job_failure(job: Any, home: Path) -> str:
     """"" for a job whose every task returned, else the reason (the task's traceback tail,
-    or the scheduler state of a job that left no result)."""
+    or the scheduler state of a job that left no result). `home` holds the job's record;
+    a result pickle is read only from the job's own folder under it (records.trusted_pickle)."""
     for sj in getattr(job, "_sub_jobs", None) or [job]:
         if not sj.paths.result_pickle.exists():
             state = sj.state
             tail = jobrec.tail_lines(sj.paths.stderr, 15)
             return f"  task {sj.task_id}: ended {state} without a result\n{tail}"
+        try:
+            jobrec.trusted_pickle(sj.paths.result_pickle, sj.paths.folder, home)
+        except jobrec.UntrustedPickle as e:
+            return f"  task {sj.task_id}: {e}"
         exc = sj.exception()
         if exc is not None:
             lines = str(exc).strip().splitlines()

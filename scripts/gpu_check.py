@@ -15,8 +15,9 @@ failure cannot hide behind another):
   5. resume-gpu  that checkpoint resumed on 1 GPU rank in bf16: a universal checkpoint
                  (world 2 -> 1), the fused AdamW step counters moved to the GPU
   6. eval        stand-alone eval of train-z2 with FID: the real FID Inception if its weights
-                 are found (--inception, $LATENTFORGE_INCEPTION, torch hub's cache), else a
-                 seeded random one (eval/fid_randinit), and it says which
+                 are found (--inception, $LATENTFORGE_INCEPTION, weights/fid_inception_v3.pt
+                 from `make fid-weights`, torch hub's cache), else a seeded random one
+                 (eval/fid_randinit), and it says which
   7. export      train-z2 exported and sampled from the export
 
 Each GPU training step prints samples/s, MFU against this GPU's bf16 matmul peak (measured
@@ -108,9 +109,10 @@ def config_args(work: Path, step: Step, rehearsal: bool = False) -> list[str]:
 
 
 def find_inception(given: str | None) -> Path | None:
-    """The FID Inception weights: --inception, $LATENTFORGE_INCEPTION, or torch hub's cache
-    (where torch-fidelity puts them), if the file is there."""
-    candidates = [given, os.environ.get("LATENTFORGE_INCEPTION")]
+    """The FID Inception weights: --inception, $LATENTFORGE_INCEPTION, the checkout's
+    weights/fid_inception_v3.pt (`make fid-weights`, which `make gpu-check` runs first), or
+    torch hub's cache (where torch-fidelity puts its file), whichever is there first."""
+    candidates = [given, os.environ.get("LATENTFORGE_INCEPTION"), str(ROOT / "weights" / "fid_inception_v3.pt")]
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     candidates.append(str(torch_home / "hub" / "checkpoints" / INCEPTION_FILE))
     for c in candidates:

@@ -15,9 +15,9 @@ everything down (daemons, namespaces, links, bridge, /etc/hosts lines) unless an
 pytest session is still using the cluster. A session killed outright leaves it up until the
 next session's teardown or `slurm/local/multinode.sh down`.
 
-Jobs see GLOO_SOCKET_IFNAME=eth0 (the namespace's interface, from the cluster's TaskProlog),
-and the node names resolve (through /etc/hosts), so MASTER_ADDR can be the first host of
-`scontrol show hostnames $SLURM_JOB_NODELIST`.
+The node names resolve (through /etc/hosts), so MASTER_ADDR can be the first host of
+`scontrol show hostnames $SLURM_JOB_NODELIST`. Nothing sets GLOO_SOCKET_IFNAME, as on a real
+cluster: latentforge derives it (eth0, the namespace's interface, on the route to the master).
 
 Wiring, in tests/conftest.py:
 

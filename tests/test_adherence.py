@@ -99,3 +99,18 @@ def test_unparsed_prompts_are_skipped_and_counted_and_tensors_work():
     assert none["count"] == 0.0 and math.isnan(none["adherence"])
     with pytest.raises(ValueError, match="images"):
         adherence.score(images, prompts[:2])
+
+
+def test_diversity_tells_a_collapsed_grid_from_a_diverse_one():
+    from latentforge.eval.diversity import diversity
+
+    specs = [ShapeSpec("circle", "red", "large", "center", "white"),
+             ShapeSpec("square", "blue", "small", "top left", "black")]
+    a = [np.asarray(synth.render(s, 32, np.random.default_rng(0))) for s in specs]
+    b = [np.asarray(synth.render(s, 32, np.random.default_rng(1))) for s in specs]  # same prompts, other draws
+    collapsed = diversity(np.stack([a[0], a[0], a[1], a[1]]), [0, 0, 1, 1])
+    assert collapsed["same"] == 0.0 and collapsed["diff"] > 0.1 and collapsed["ratio"] == 0.0
+    diverse = diversity(np.stack([a[0], b[0], a[1], b[1]]), [0, 0, 1, 1])
+    assert 0.0 < diverse["same"] < diverse["diff"] and 0.0 < diverse["ratio"] < 1.0
+    with pytest.raises(ValueError, match="prompt ids"):
+        diversity(np.stack(a), [0])

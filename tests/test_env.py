@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from latentforge import env
-from latentforge.env import DistEnv, apply, discover, expand_nodelist
+from latentforge.env import DistEnv, apply, bind_gloo_interface, discover, expand_nodelist
 
 # `clean_env` (tests/conftest.py): the test's monkeypatch, with every launcher variable removed.
 
@@ -233,6 +234,59 @@ def test_apply_to_a_given_mapping() -> None:
     apply(DistEnv(1, 0, 2, 1, 1, "h", 2345, "slurm"), target)
     assert target == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                       "NODE_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "2345"}
+
+
+# ---------------------------------------------------------------------------------------
+# The gloo interface of a job that spans nodes (real name resolution, real routes).
+
+
+def _an_address() -> tuple[str, str]:
+    """(interface, address): a non-loopback IPv4 address of this machine."""
+    import psutil
+
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return name, a.address
+    pytest.skip("this machine has no non-loopback IPv4 address to route to")
+
+
+def test_gloo_interface_is_left_alone_on_one_node_and_when_set() -> None:
+    one_node = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid"}
+    assert bind_gloo_interface(one_node) == "" and "GLOO_SOCKET_IFNAME" not in one_node
+    by_hand = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "no-such-host.invalid",
+               "GLOO_SOCKET_IFNAME": "ib0"}
+    assert bind_gloo_interface(by_hand) == "gloo on ib0 (GLOO_SOCKET_IFNAME as set)"
+    assert by_hand["GLOO_SOCKET_IFNAME"] == "ib0"
+
+
+def test_gloo_interface_across_nodes_is_the_one_on_the_route_to_the_master() -> None:
+    ifname, address = _an_address()
+    environ = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": address}
+    got = bind_gloo_interface(environ)
+    assert got == f"gloo on {ifname} ({address}), the interface on the route to {address} ({address})"
+    assert environ["GLOO_SOCKET_IFNAME"] == ifname
+
+
+def test_master_resolving_to_loopback_routes_through_another_node_of_the_job() -> None:
+    # Debian maps a machine's own name to 127.0.1.1: on the master's node its name says nothing
+    # about the network the nodes share; another node of the job does.
+    ifname, address = _an_address()
+    environ = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
+               "SLURM_JOB_NODELIST": f"localhost,{address}"}
+    assert bind_gloo_interface(environ) == (f"gloo on {ifname} ({address}), the interface on the route to "
+                                            f"{address} ({address})")
+    alone = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "SLURM_JOB_NODELIST": "localhost"}
+    with pytest.raises(ValueError, match=r"^GLOO_SOCKET_IFNAME: cannot tell which interface the nodes share: "
+                                         r"MASTER_ADDR 'localhost' resolves only to loopback"):
+        bind_gloo_interface(alone)
+    assert "GLOO_SOCKET_IFNAME" not in alone
+
+
+def test_unresolvable_master_is_one_line_naming_it() -> None:
+    environ = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "no-such-host.invalid"}
+    with pytest.raises(ValueError, match=r"^MASTER_ADDR: 'no-such-host.invalid' does not resolve on .*/etc/hosts"):
+        bind_gloo_interface(environ)
 
 
 def test_launch_modules_stay_light() -> None:

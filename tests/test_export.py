@@ -80,3 +80,30 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2
     assert "latentforge:" in capsys.readouterr().err
+
+
+def test_export_refuses_the_run_and_its_root_and_replaces_an_earlier_export_atomically(exported, monkeypatch,
+                                                                                        capsys):
+    from test_outputs import Crash, _fail_at, _tree
+
+    from latentforge.launch.cli import main
+    from latentforge.training.export import export
+
+    run_dir, out = exported
+    run_before = _tree(run_dir)
+    for target in (run_dir, run_dir.parent, run_dir / "export"):  # the issue's `--out runs/demo` and `--out runs`
+        assert main(["export", str(run_dir), "--out", str(target)]) == 2
+        assert f"refusing to write {target}: it " in capsys.readouterr().err
+    assert _tree(run_dir) == run_before
+
+    export_before = _tree(out)
+    with monkeypatch.context() as m:  # the process dies between moving the old export aside and the new one in
+        _fail_at(m, out, "in", Crash)
+        with pytest.raises(Crash):
+            export(run_dir, out)
+    assert not out.exists()
+    assert export(run_dir, out) == out  # the next export puts the old one back, then replaces it
+    after = _tree(out)
+    assert after.keys() == export_before.keys()  # a whole export (np.savez stamps null_text.npz with the time)
+    assert after["latentforge.json"] == export_before["latentforge.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # nothing left aside

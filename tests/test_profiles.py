@@ -33,7 +33,7 @@ def srun_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_profiles_are_all_there() -> None:
-    assert {"local", "gpu-8x", "gpu-account-qos", "local-processes"} <= set(SHIPPED)
+    assert {"local", "local-multinode", "gpu-8x", "gpu-account-qos", "local-processes"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

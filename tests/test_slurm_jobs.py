@@ -26,7 +26,6 @@ so that the requeued attempt runs on instead of being stopped again at its first
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from slurm_cluster import SlurmCluster
+from submitted import assert_runs_end_bitwise_equal, file_tree, job_log, mlflow_runs, poll, sacct, submitting_to
 
 from latentforge.launch import status, submit
 
@@ -46,37 +46,6 @@ SIGNAL_LEAD_S = 7.0  # submit this long before a time-limit check: the USR2 land
 
 # ---------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _poll(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
-    """Poll `cond` until it returns something truthy (SLURM and the job's files give us no
-    event to wait on); fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(every)  # polling interval
-
-
-def _sacct(cluster: SlurmCluster, job_id: str) -> list[tuple[str, str]]:
-    """(JobID, State) of every attempt of a job, oldest first (-D lists requeued attempts)."""
-    out = cluster.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], check=False).stdout
-    return [(ln.split("|")[0], ln.split("|")[1].split()[0]) for ln in out.splitlines() if "|" in ln]
-
-
-def _log(run_dir: Path, job_id: str, rank: int = 0, ext: str = "out") -> str:
-    p = run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.{ext}"
-    return p.read_text() if p.exists() else ""
-
-
-def _mlflow_runs(root: Path, name: str) -> tuple[Any, list[Any]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("latentforge")
-    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
 
 
 def _write_profile(path: Path, **changes: Any) -> Path:
@@ -97,21 +66,9 @@ def _write_profile(path: Path, **changes: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """The cluster, with SLURM_CONF exported for this module's submitit calls, a clean rank
-    environment (pytest itself may run under SLURM or torchrun: its variables would leak
-    into the jobs through sbatch), and every job this module submitted cancelled at the end."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith(("SLURM_", "SUBMITIT_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-                mp.delenv(k)
-        for k, v in slurm_cluster.env.items():
-            mp.setenv(k, v)
-        mp.chdir(tmp_path_factory.mktemp("slurm_jobs_cwd"))
-        yield slurm_cluster
-        # A failed test must not leave jobs on the shared cluster (other engineers' jobs run there too).
-        if _SUBMITTED:
-            slurm_cluster.run(["scancel", *sorted({j.split("_")[0] for j in _SUBMITTED})], check=False)
+    """The cluster, submitted to from a clean environment; this module's jobs cancelled at the end."""
+    with submitting_to(slurm_cluster, tmp_path_factory.mktemp("slurm_jobs_cwd"), _SUBMITTED) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +85,7 @@ def tick_probe(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
         f"srun bash -c 'trap \"date +%s.%N > {out}.tmp; mv {out}.tmp {out}; exit 0\" USR2; "
         "while true; do sleep 0.1; done'\n")
     _SUBMITTED.append(cluster.run(["sbatch", "--parsable", str(script)], cwd=d).stdout.strip().split(";")[0])
-    return lambda: float(_poll("the probe's pre-timeout signal", lambda: out.exists() and out.read_text(), 120))
+    return lambda: float(poll("the probe's pre-timeout signal", lambda: out.exists() and out.read_text(), 120))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +97,7 @@ def ref_run(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]], tick_probe
     _SUBMITTED.append(sub.jobs[0].job_id)
     lines: list[str] = []
     code = submit.wait_for(sub, poll_s=1.0, timeout_s=600, out=lines.append)
-    assert code == 0, "\n".join(lines) + _log(sub.run_dir, sub.jobs[0].job_id, ext="err")[-3000:]
+    assert code == 0, "\n".join(lines) + job_log(sub.run_dir, sub.jobs[0].job_id, ext="err")[-3000:]
     print(f"[test] reference run: {time.monotonic() - t0:.0f} s")
     return {"root": root, "sub": sub, "run_dir": sub.run_dir, "job_id": sub.jobs[0].job_id}
 
@@ -167,24 +124,24 @@ def interrupted(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]], tick_p
 
     # 2. SLURM signals it; every rank saves; rank 0 requeues. Then a longer limit for the rest.
     def requeued() -> bool:
-        attempts = _sacct(cluster, job_a)
+        attempts = sacct(cluster, job_a)
         if attempts and attempts[-1][1] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
             pytest.fail(f"job {job_a} ended {attempts[-1][1]} without a time-limit requeue (check at {target:.1f}, "
-                        f"submitted {target - SIGNAL_LEAD_S:.1f}):\n{_log(run_dir, job_a)[-3000:]}"
-                        f"{_log(run_dir, job_a, ext='err')[-3000:]}")
-        return "requeueing job" in _log(run_dir, job_a)
+                        f"submitted {target - SIGNAL_LEAD_S:.1f}):\n{job_log(run_dir, job_a)[-3000:]}"
+                        f"{job_log(run_dir, job_a, ext='err')[-3000:]}")
+        return "requeueing job" in job_log(run_dir, job_a)
 
-    _poll(f"job {job_a} to requeue itself", requeued, timeout=240)
+    poll(f"job {job_a} to requeue itself", requeued, timeout=240)
     cluster.run(["scontrol", "update", f"JobId={job_a}", "TimeLimit=10"])
 
     # 3. When the requeued attempt is training, cancel it (SIGTERM: save, no self-requeue).
     def training_again() -> bool:
-        text = _log(run_dir, job_a)
+        text = job_log(run_dir, job_a)
         return "restart 1" in text and "[train] step " in text.split("restart 1", 1)[1]
 
-    _poll(f"the requeued job {job_a} to train", training_again, timeout=240)
+    poll(f"the requeued job {job_a} to train", training_again, timeout=240)
     cluster.run(["scancel", job_a])
-    _poll(f"job {job_a} to be CANCELLED", lambda: (_sacct(cluster, job_a) or [("", "")])[-1][1] == "CANCELLED", 60)
+    poll(f"job {job_a} to be CANCELLED", lambda: (sacct(cluster, job_a) or [("", "", "")])[-1][1] == "CANCELLED", 60)
 
     # 4. Resubmit the same training (with the ordinary profile); it resumes and finishes.
     sub_b = submit.submit_jobs("train", "local", "tiny", None, ov)
@@ -192,7 +149,7 @@ def interrupted(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]], tick_p
     lines: list[str] = []
     code = submit.wait_for(sub_b, poll_s=1.0, timeout_s=600, out=lines.append)
     job_b = sub_b.jobs[0].job_id
-    assert code == 0, "\n".join(lines) + _log(run_dir, job_b, ext="err")[-3000:]
+    assert code == 0, "\n".join(lines) + job_log(run_dir, job_b, ext="err")[-3000:]
     print(f"[test] interrupted run (requeue + cancel + resubmit): {time.monotonic() - t0:.0f} s")
     return {"root": root, "run_dir": run_dir, "job_a": job_a, "job_b": job_b, "sub_b": sub_b}
 
@@ -212,7 +169,7 @@ def test_two_task_job_finishes_with_checkpoint_and_mlflow_run(ref_run: dict, clu
     tag = checkpoint.latest_tag(run_dir)
     assert tag == f"step_{STEPS:08d}" and checkpoint.meta(run_dir, tag)["world_size"] == 2
     assert {p.name for p in (run_dir / "checkpoints" / tag).glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
-    client, runs = _mlflow_runs(ref_run["root"], "ref")
+    client, runs = mlflow_runs(ref_run["root"], "ref")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert results[0]["mlflow_run_id"] == run.info.run_id
@@ -224,7 +181,7 @@ def test_two_task_job_finishes_with_checkpoint_and_mlflow_run(ref_run: dict, clu
 
     for rank in (0, 1):
         assert f"[job] train rank {rank}/2 (submitit-slurm, master {cluster.node}:{port_for_job(job_id)})" in \
-            _log(run_dir, job_id, rank)
+            job_log(run_dir, job_id, rank)
     text = status.status(run_dir)
     assert re.search(rf"{job_id}\s+train\s+COMPLETED", text), text
     assert f"step {STEPS} (checkpoint {tag}" in text and f"run {run.info.run_id} (FINISHED)" in text
@@ -233,9 +190,9 @@ def test_two_task_job_finishes_with_checkpoint_and_mlflow_run(ref_run: dict, clu
 
 def test_time_limit_requeues_after_every_rank_checkpointed(interrupted: dict, cluster: SlurmCluster) -> None:
     run_dir, job_a = interrupted["run_dir"], interrupted["job_a"]
-    attempts = _sacct(cluster, job_a)
-    assert [s for _, s in attempts] == ["REQUEUED", "CANCELLED"], attempts
-    log0, log1 = _log(run_dir, job_a, 0), _log(run_dir, job_a, 1)
+    attempts = sacct(cluster, job_a)
+    assert [s for _, s, _ in attempts] == ["REQUEUED", "CANCELLED"], attempts
+    log0, log1 = job_log(run_dir, job_a, 0), job_log(run_dir, job_a, 1)
     # SLURM's pre-timeout USR2 (submitit counts it as a timeout: limit <= 10 min), every rank saved.
     m = re.search(r"\[job\] timed out: checkpointed at step (\d+); requeueing job \d+ \(2 timeout\(s\) left\)", log0)
     assert m, log0[-3000:]
@@ -250,17 +207,17 @@ def test_time_limit_requeues_after_every_rank_checkpointed(interrupted: dict, cl
 
 def test_cancelled_job_resubmitted_resumes_in_the_same_mlflow_run(interrupted: dict, cluster: SlurmCluster) -> None:
     run_dir, job_a, job_b = interrupted["run_dir"], interrupted["job_a"], interrupted["job_b"]
-    log_a = _log(run_dir, job_a)
+    log_a = job_log(run_dir, job_a)
     # scancel sends SIGTERM: every rank saved at a step boundary, and the job did not requeue itself.
     m = re.findall(r"\[train\] stop signal 15: checkpointed at step (\d+)", log_a)
     assert m, log_a[-3000:]
     j = int(m[-1])
-    assert "so the job does not requeue itself" in _log(run_dir, job_a, ext="err")  # rank 0 says why
-    log_b = _log(run_dir, job_b)
+    assert "so the job does not requeue itself" in job_log(run_dir, job_a, ext="err")  # rank 0 says why
+    log_b = job_log(run_dir, job_b)
     assert f"[train] resumed from {run_dir / 'checkpoints' / f'step_{j:08d}'} at step {j}" in log_b
     assert f"[train] step {STEPS}/{STEPS}" in log_b
     # One MLflow run across three attempts and two jobs: reopened by id, never created anew.
-    client, runs = _mlflow_runs(interrupted["root"], "interrupted")
+    client, runs = mlflow_runs(interrupted["root"], "interrupted")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.tags["slurm_job_ids"].split(",") == [job_a, job_b]
@@ -271,23 +228,7 @@ def test_cancelled_job_resubmitted_resumes_in_the_same_mlflow_run(interrupted: d
 
 
 def test_interrupted_run_ends_bitwise_identical_to_the_uninterrupted_one(interrupted: dict, ref_run: dict) -> None:
-    import torch
-
-    from latentforge.training.checkpoint import consolidated_weights
-
-    w_ref, c_ref = consolidated_weights(ref_run["run_dir"])
-    w_int, c_int = consolidated_weights(interrupted["run_dir"])
-    assert c_ref.step == c_int.step == STEPS
-    assert w_ref.keys() == w_int.keys()
-    diff = [k for k in w_ref if not torch.equal(w_ref[k], w_int[k])]
-    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-    ema_ref, ema_int = c_ref.ema["shadow"], c_int.ema["shadow"]
-    assert all(torch.equal(ema_ref[k], ema_int[k]) for k in ema_ref)
-    assert c_ref.samples_seen == c_int.samples_seen
-
-
-def _tree(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    assert_runs_end_bitwise_equal(ref_run["run_dir"], interrupted["run_dir"], STEPS)
 
 
 def test_precompute_array_matches_local_precompute(cluster: SlurmCluster, tiny_data: tuple[Path, list[str]],
@@ -301,9 +242,9 @@ def test_precompute_array_matches_local_precompute(cluster: SlurmCluster, tiny_d
     assert [j.job_id for j in sub.jobs] == [f"{sub.records[0]['job_id']}_{i}" for i in (0, 1)]
     lines: list[str] = []
     assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
-    local = _tree(root / "latents")
+    local = file_tree(root / "latents")
     assert len([k for k in local if k.endswith(".tar")]) == 4
-    assert _tree(latent) == local  # parts, per-shard and dataset manifests, null text: byte for byte
+    assert file_tree(latent) == local  # parts, per-shard and dataset manifests, null text: byte for byte
     text = status.status(root / "precompute_jobs")
     assert "raw shards done: 4/4; tasks finished: 2/2" in text and "dataset manifest: assembled" in text
 
@@ -317,5 +258,5 @@ def test_precompute_array_matches_local_precompute(cluster: SlurmCluster, tiny_d
     _SUBMITTED.extend(j.job_id for j in sub.jobs)
     assert sub.records[0]["task_indices"] == [1] and len(sub.jobs) == 1
     assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
-    assert _tree(latent) == local
+    assert file_tree(latent) == local
     assert "[precompute] dataset: 256 written" in sub.jobs[0].stdout()  # the last task assembled it

@@ -16,23 +16,22 @@ def _node_states(cluster: SlurmMultiNode) -> list[str]:
     """ "NAME STATE" per node, sorted."""
     return sorted(s for s in cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout.split("\n") if s)
 
-# One rank per node. MASTER_ADDR is the first host of the job's node list and MASTER_PORT a
-# function of the job id (as slurm/templates/train.sbatch does); gloo binds to the interface
-# the cluster's TaskProlog names in GLOO_SOCKET_IFNAME.
+# One rank per node, discovered as a training job does (latentforge/env.py): ranks from the
+# SLURM_* variables, MASTER_ADDR the first host of the job's node list, MASTER_PORT a function
+# of the job id; gloo binds to the interface on the route to the master (nothing in the
+# cluster sets GLOO_SOCKET_IFNAME).
 ALL_REDUCE = """
-import datetime, json, os, socket, subprocess
+import datetime, json, os, socket
 import torch, torch.distributed as dist
-nodelist = os.environ["SLURM_JOB_NODELIST"]
-master = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                        check=True).stdout.split()[0]
-port = 15000 + int(os.environ["SLURM_JOB_ID"]) % 15000
-rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
-                        timeout=datetime.timedelta(seconds=30))
-t = torch.tensor([float(rank + 1)])
+from latentforge.env import apply, bind_gloo_interface, discover
+env = discover()
+apply(env)
+network = bind_gloo_interface()
+dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=30))
+t = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(t)
-print(json.dumps(dict(rank=rank, host=socket.gethostname(), master=master, sum=t.item(),
-                      ifname=os.environ.get("GLOO_SOCKET_IFNAME"))), flush=True)
+print(json.dumps(dict(rank=env.rank, host=socket.gethostname(), master=env.master_addr, sum=t.item(),
+                      ifname=os.environ.get("GLOO_SOCKET_IFNAME"), network=network)), flush=True)
 dist.destroy_process_group()
 """
 
@@ -47,6 +46,11 @@ def test_two_idle_nodes_and_gloo_all_reduce_across_namespaces(slurm_multinode: S
     assert [r["rank"] for r in ranks] == [0, 1], out
     assert [r["host"] for r in ranks] == cluster.nodes  # one rank in each namespace, with its hostname
     assert {(r["master"], r["sum"], r["ifname"]) for r in ranks} == {(cluster.nodes[0], 3.0, "eth0")}
+    # Each rank's own address on the bridge, on the route to the master (its own address for rank 0).
+    master_ip = cluster.run(["getent", "hosts", cluster.nodes[0]]).stdout.split()[0]
+    for r in ranks:
+        own = cluster.run(["getent", "hosts", r["host"]]).stdout.split()[0]
+        assert r["network"] == f"gloo on eth0 ({own}), the interface on the route to {cluster.nodes[0]} ({master_ip})"
 
 
 def test_kill_node_leaves_nothing_running_there_and_restore_brings_it_back(slurm_multinode: SlurmMultiNode) -> None:

@@ -40,10 +40,12 @@ def test_requeue_keeps_submitits_timeout_countdown(tmp_path: Path, monkeypatch: 
     from submitit.core.utils import DelayedSubmission
 
     job = jobs.TrainJob(jobs.ConfigSource("tiny", None, (), str(tmp_path)), str(tmp_path / "run"))
-    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(tmp_path), "SUBMITIT_LOCAL_JOB_ID": "77",
+    folder = tmp_path / "run" / "slurm" / "77"  # the job folder `submit` gives it, in the run directory
+    folder.mkdir(parents=True)
+    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(folder), "SUBMITIT_LOCAL_JOB_ID": "77",
                  "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "2"}.items():
         monkeypatch.setenv(k, v)
-    pickled = tmp_path / "77_submitted.pkl"
+    pickled = folder / "77_submitted.pkl"
     first = DelayedSubmission(job)
     first.set_timeout(5, 1)  # a 5-minute limit (every signal is a timeout), one timeout left
     first.dump(pickled)
@@ -143,13 +145,15 @@ def test_task_ranges_print_compactly() -> None:
 def test_local_job_state_from_pid_and_result_files(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    rec = {"job_id": str(dead.pid), "cluster": "local", "folder": str(tmp_path), "tasks": 2}
-    assert records._local_state(rec)["state"].startswith("ENDED")
+    folder = tmp_path / "slurm" / str(dead.pid)
+    folder.mkdir(parents=True)
+    rec = {"job_id": str(dead.pid), "cluster": "local", "folder": str(folder), "tasks": 2}
+    assert records._local_state(rec, tmp_path)["state"].startswith("ENDED")
     for t, outcome in ((0, "success"), (1, "error")):
-        (tmp_path / f"{dead.pid}_{t}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
-    assert records._local_state(rec)["state"] == "FAILED"
+        (folder / f"{dead.pid}_{t}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
+    assert records._local_state(rec, tmp_path)["state"] == "FAILED"
     rec["job_id"] = str(os.getpid())  # a live process: still running
-    assert records._local_state(rec)["state"] == "RUNNING"
+    assert records._local_state(rec, tmp_path)["state"] == "RUNNING"
 
 
 def _latent_tree(tmp_path: Path, names: list[str], done: list[str]) -> tuple[Path, str]:
@@ -294,13 +298,58 @@ def test_status_shows_state_step_and_log_tail(tmp_path: Path) -> None:
     assert "(no MLflow run yet" in text and "[checkpoint] saved x" in text
 
 
+class _Boom:
+    """A pickle that runs code when loaded: what a planted result file would do."""
+
+    def __reduce__(self):
+        return (os.system, ("touch BOOM",))
+
+
+def test_result_pickles_are_read_only_from_the_users_own_job_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"  # job id: a number no pid can have (a local job's id is its controller's pid)
+    folder = run_dir / "slurm" / "999999999"
+    folder.mkdir(parents=True)
+    result = folder / "999999999_0_result.pkl"
+    result.write_bytes(pickle.dumps(("success", {})))
+    rec = {"job_id": "999999999", "cluster": "local", "kind": "train", "folder": str(folder), "tasks": 1}
+    assert records.job_states([rec], run_dir)[0]["999999999"]["state"] == "COMPLETED"
+
+    def refused(rec: dict, why: str) -> None:
+        state = records.job_states([rec], run_dir)[0]["999999999"]
+        assert state["state"] == "UNKNOWN (result file refused)" and why in state["note"], state
+        assert "\n" not in state["note"] and not (tmp_path / "BOOM").exists()
+
+    result.write_bytes(pickle.dumps(_Boom()))
+    os.chmod(result, 0o666)  # writable by every user
+    refused(rec, f"{result}: writable by every user; the pickle is not loaded")
+    os.chmod(result, 0o644)
+    os.chmod(folder, 0o777)  # anyone may replace it
+    refused(rec, f"{folder}: writable by every user")
+    os.chmod(folder, 0o755)
+    if os.geteuid() == 0:  # giving a file away needs root
+        os.chown(result, 4242, -1)
+        refused(rec, "owned by uid 4242, not by you (uid 0)")
+        os.chown(result, 0, -1)
+    # A record pointing outside the run directory (a tampered jobs.jsonl).
+    elsewhere = tmp_path / "elsewhere" / "999999999"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "999999999_0_result.pkl").write_bytes(pickle.dumps(_Boom()))
+    refused({**rec, "folder": str(elsewhere)}, f"the job folder {elsewhere} is not under {run_dir}")
+    link = folder / "999999999_0_result.pkl"
+    link.unlink()
+    link.symlink_to(elsewhere / "999999999_0_result.pkl")  # a link out of the job folder
+    refused(rec, "not inside the job folder")
+
+
 def test_status_summarises_a_big_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     states = {f"9_{i}": {"state": "COMPLETED", "attempts": 1} for i in range(10)}
     states["9_3"] = {"state": "FAILED", "attempts": 1}
     states["9_[10-11%4]"] = {"state": "PENDING", "attempts": 1}
-    monkeypatch.setattr(records, "job_states", lambda recs: (states, ""))
+    monkeypatch.setattr(records, "job_states", lambda recs, home: (states, ""))
     rec = {"job_id": "9", "kind": "precompute", "cluster": "slurm", "job_ids": [f"9_{i}" for i in range(12)]}
-    (line,) = status._job_lines([rec])
+    (line,) = status._job_lines([rec], tmp_path)
     assert "array of 12: 9 COMPLETED, 1 FAILED, 2 PENDING; not completed: 9_3" in line
 
 

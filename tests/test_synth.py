@@ -109,7 +109,8 @@ def _members(path):
 def test_write_shards_layout(tmp_path):
     paths = synth.write_shards(tmp_path / "s", num_samples=10, samples_per_shard=4, image_size=16, seed=3)
     assert [p.name for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]  # no temps
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar", "00001.tar", "00002.tar",
+                                                                  synth.STAMP]  # no temps; the stamp last
     keys = []
     for p in paths:
         members = _members(p)
@@ -143,7 +144,11 @@ def test_write_shards_is_byte_identical_per_seed_and_independent_of_sharding(tmp
 
 
 def test_write_shards_refuses_a_folder_with_other_shards(tmp_path):
-    (tmp_path / "old.tar").write_bytes(b"")
+    (tmp_path / "old.tar").write_bytes(b"")  # not a synth's: the folder is someone else's
+    with pytest.raises(ValueError, match="refusing to write .*not an earlier data synth output"):
+        synth.write_shards(tmp_path, 4, 2, 16, seed=0)
+    (tmp_path / "old.tar").unlink()
+    (tmp_path / "00009.tar").write_bytes(b"")  # a larger earlier synth: its extra shards would mix in
     with pytest.raises(ValueError, match="out_dir"):
         synth.write_shards(tmp_path, 4, 2, 16, seed=0)
     with pytest.raises(ValueError, match="samples_per_shard"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from job_procs import start_job
+from job_procs import wait_for_line as _wait_for
 from mlflow_server import _free_port, live_mlflow_server, mlflow_server  # noqa: F401
 from PIL import Image
 
@@ -101,7 +104,7 @@ def test_unreachable_store_buffers_bounded_and_warns_once(capfd: pytest.CaptureF
     for step in range(25):
         t.log_metrics({"train/loss": float(step)}, step=step)
     assert not t.flush(timeout_s=0.3)
-    assert t.dropped == 15 and t.buffered == 10
+    assert t.dropped == 15 and t.buffered == 10 + 1  # and this job's standard tags
     assert t.failed_attempts >= 2
     assert not t.finish("FAILED", timeout_s=0.3)
     err = capfd.readouterr().err
@@ -317,3 +320,93 @@ def test_params_truncated_and_resume_with_same_params(live_mlflow_server, capfd:
     assert len(run.data.params) == 153 and run.data.params["extra.p149"] == "149"
     err = capfd.readouterr().err
     assert err.count("param 'optim.lr' was logged as") == 1 and "rejected" not in err
+
+
+# ----------------------------------------------------------------------------------------
+# No metric is ever lost: the spool in the run directory.
+
+
+@pytest.mark.mlflow_server
+def test_a_repeated_batch_is_stored_once_by_sqlite_and_by_the_server(live_mlflow_server, tmp_path: Path) -> None:  # noqa: F811
+    """What makes the one repeat after a crash harmless (training/tracking.py): both SQL
+    paths keep one point per identical (key, value, timestamp, step)."""
+    from latentforge.training.mlflow_store import MlflowStore
+
+    for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", live_mlflow_server.uri):
+        store = MlflowStore(uri, "dedup")
+        run_id = store.open(None, None, "dedup", int(time.time() * 1000)).run_id
+        batch = [("train/loss", 0.5 + s, 1000 + s, s) for s in range(5)]
+        store.log_batch(run_id, batch, [("optim.lr", "0.001")], [("note", "x")])
+        store.log_batch(run_id, batch, [("optim.lr", "0.001")], [("note", "x")])  # its answer was lost: again
+        store.logged_params.clear()  # a new process, which does not know what the run holds
+        store.log_batch(run_id, batch[3:] + [("train/loss", 9.0, 2000, 5)], [("optim.lr", "0.001")], [])
+        hist = sorted((m.step, m.value, m.timestamp) for m in _client(uri).get_metric_history(run_id, "train/loss"))
+        assert hist == [(s, 0.5 + s, 1000 + s) for s in range(5)] + [(5, 9.0, 2000)], uri
+        run = _client(uri).get_run(run_id)
+        assert run.data.params == {"optim.lr": "0.001"} and run.data.tags["note"] == "x"
+
+
+def _train(tiny_data, run_name: str, uri: str) -> tuple[subprocess.Popen, Path]:
+    """`latentforge train nproc=2` (through latentforge/spawn.py) in its own session, so a
+    test can signal the whole job; 40 steps, every step logged, a checkpoint at 25."""
+    root, overrides = tiny_data
+    log = root / f"{run_name}.log"
+    return start_job(["train", "--preset", "tiny", *overrides, f"run_name={run_name}", "nproc=2",
+                      f"tracking.uri={uri}", "train.log_every=1", "train.max_steps=40", "train.ckpt_every_steps=25"],
+                     log), log
+
+
+@pytest.mark.mlflow_server
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_no_metric_is_lost_when_the_server_is_down_at_a_stop(live_mlflow_server, tiny_data, stop) -> None:  # noqa: F811
+    """The issue's case: the server dies at step 10 and is still down when the job stops at
+    step 30 (SIGTERM: it checkpoints and exits; SIGKILL: nothing runs, the last checkpoint
+    is step 25). With the server back, `runs sync` (SIGTERM) or the resumed job itself
+    (SIGKILL) delivers what the spool kept; after the resume every step of train/loss is in
+    the run exactly once."""
+    from latentforge.launch.cli import main
+
+    server = live_mlflow_server
+    name = f"spool-{stop.name.lower()}"
+    run_dir = tiny_data[0] / name
+    proc, log = _train(tiny_data, name, server.uri)
+    _wait_for(log, "[train] step 10/40", proc)
+    os.killpg(proc.pid, signal.SIGSTOP)  # hold the job while the server goes down
+    server.stop()
+    os.killpg(proc.pid, signal.SIGCONT)
+    _wait_for(log, "[train] step 30/40", proc)
+    if stop == signal.SIGTERM:
+        os.kill(proc.pid, signal.SIGTERM)  # to the launcher, which forwards it to the ranks
+        assert proc.wait(300) == 3, log.read_text()[-3000:]  # checkpointed, asks for a requeue
+        text = log.read_text()
+        m = re.search(r"stop signal 15: checkpointed at step (\d+)", text)
+        assert m and 30 <= int(m.group(1)) < 40, text[-3000:]
+        assert re.search(rf"records not delivered to {server.uri}; they wait in {run_dir / 'tracking'}", text)
+        assert "gave up after" not in text  # it did not wait out the outage
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)  # the node is gone
+        proc.wait(60)
+    assert any((run_dir / "tracking").glob("spool-*.jsonl"))
+
+    server.start()
+    (run,) = [r for r in _runs(server.uri, "latentforge") if r.info.run_name == name]
+    if stop == signal.SIGTERM:  # the server is back: `latentforge runs sync RUN_DIR`
+        assert main(["runs", "sync", str(run_dir)]) == 0
+        assert _client(server.uri).get_run(run.info.run_id).info.status == "KILLED"  # as the job left it
+        steps = [s for s, _ in _history(server.uri, run.info.run_id)]
+        assert steps == list(range(1, int(m.group(1)) + 1))
+        assert not any((run_dir / "tracking").glob("spool-*.jsonl"))
+        assert main(["runs", "sync", str(run_dir)]) == 0  # nothing left: a no-op
+    proc, log = _train(tiny_data, name, server.uri)  # the resumed job
+    assert proc.wait(1200) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    if stop == signal.SIGKILL:
+        assert f"resumed from {run_dir / 'checkpoints' / 'step_00000025'} at step 25" in text
+        assert re.search(r"\d+ records that earlier jobs could not deliver wait in", text), text[-3000:]
+        assert re.search(r"\d+ metric records not logged: an earlier job had logged those keys", text)
+    run = _client(server.uri).get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in _history(server.uri, run.info.run_id)] == list(range(1, 41))  # each step once
+    assert len([r for r in _runs(server.uri, "latentforge") if r.info.run_name == name]) == 1
+    assert not any((run_dir / "tracking").glob("spool-*.jsonl"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -297,3 +298,42 @@ def test_dead_rank_makes_the_other_exit_within_the_collective_timeout(tiny_data,
     assert code != 0, log0.read_text()[-3000:]
     # The bound: the timeout, plus shutting down this rank's DataLoader worker and exiting.
     assert elapsed < timeout_s + 30, f"rank 0 took {elapsed:.0f}s to give up on the {how} rank"
+    # Rank 0 says which rank stopped answering and where: its process is gone (the failed
+    # collective, one line from the CLI) or frozen (the watchdog).
+    host = socket.gethostname()
+    why = {"SIGKILL": "connection refused: its process is gone",
+           "SIGSTOP": "connected, no answer: its process is frozen or starved"}[how]
+    lost = (f"lost contact with {host}: rank 1 on {host} (127.0.0.1) stopped answering ({why}); rank 0 on {host} "
+            f"(127.0.0.1) gives up")
+    text = log0.read_text()
+    if how == "SIGKILL":
+        assert f"latentforge: aborted: {lost}: " in text, text[-3000:]
+    else:
+        assert f"no training progress for {timeout_s}s (train.collective_timeout_s): {lost}; exiting" in text, \
+            text[-3000:]
+
+
+def test_peers_name_the_ranks_that_stopped_answering() -> None:
+    """The probe behind that message, on real sockets: rank 1 answers (its responder), rank 2's
+    port is closed (its process is gone), rank 3 accepts and never answers (frozen)."""
+    from latentforge.training.control import Peers, start_responder
+
+    alive = start_responder("127.0.0.1")
+    with socket.socket() as closed, socket.socket() as frozen:
+        closed.bind(("127.0.0.1", 0))
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen()  # the kernel completes the handshake; nobody calls accept()
+        peers = Peers(0, [("n1", "127.0.0.1", alive), ("n1", "127.0.0.1", alive),
+                          ("n2", "127.0.0.1", closed.getsockname()[1]),
+                          ("n3", "127.0.0.1", frozen.getsockname()[1])])
+        silent = peers.silent(timeout_s=1.0)
+    assert silent == {2: "connection refused: its process is gone",
+                      3: "connected, no answer: its process is frozen or starved"}
+    assert peers.lost_message(silent).startswith(
+        "lost contact with n2, n3: rank 2 on n2 (127.0.0.1) stopped answering (connection refused: its process is "
+        "gone); rank 3 on n3 (127.0.0.1) stopped answering (connected, no answer: its process is frozen or starved)")
+    assert peers.layout(limit=2) == "4 ranks on 3 node(s): 0 n1 127.0.0.1; 1 n1 127.0.0.1; ... 2 more"
+    assert peers.explain(ValueError("a bad value")) is None  # this rank's own error: left alone
+    err = peers.explain(RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"))
+    assert err is not None and str(err).endswith("gives up: [gloo/transport/tcp/pair.cc:545] Read error: Connection "
+                                                 "reset by peer")

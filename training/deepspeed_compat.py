@@ -17,6 +17,18 @@ place, behind a version check (training/engine.py owns the public calls).
   deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py). Its `save` is replaced
   by one that hashes and fsyncs each file as it is written; its `load`, which calls
   `torch.load(weights_only=False)`, by one with weights_only=True and the allowlist below.
+- `skip_shm_comm_op`: `deepspeed.comm.torch.build_shm_op`, which DeepSpeed's CPU accelerator
+  calls while joining the process group: it JIT-compiles the shared-memory op
+  `deepspeed_shm_comm` with ninja into ~/.cache/torch_extensions (about 2 minutes on 2
+  cores, under a lock every process on the machine waits for; its probe of every op's
+  compatibility runs compilers too). The op serves only `inference_all_reduce`, which
+  tensor-parallel inference (AutoTP) calls; ZeRO training reduces through
+  torch.distributed (gloo on CPU), so latentforge never builds it.
+- `skip_muon_import`: `deepspeed.runtime.engine.is_zero_supported_optimizer`, which imports
+  DeepSpeed's Muon optimizer to list it among ZeRO's optimizers; that module applies
+  torch.compile at import, which imports torch._inductor (2-7 s of every start-up, the
+  bulk of `deepspeed.initialize` for a small model). latentforge's optimizer is torch's
+  AdamW, which the list names anyway: the check is made without the import.
 - `weights_only_loads`: DeepSpeed also reads files with `torch.load(weights_only=False)`
   outside its checkpoint engine (the universal load in checkpoint/universal_checkpoint.py,
   zero_to_fp32, ds_to_universal). Inside this context every torch.load is weights-only
@@ -102,6 +114,26 @@ def weights_only_loads() -> Iterator[None]:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def skip_shm_comm_op() -> None:
+    """Join process groups without DeepSpeed's shared-memory op (see the module docstring):
+    its builder reports no op, as on a platform without one, and gloo does every collective.
+    Call before `deepspeed.init_distributed`."""
+    import importlib
+
+    # By module path: the package attribute `deepspeed.comm.torch` is torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def skip_muon_import() -> None:
+    """ZeRO's optimizer check without importing DeepSpeed's Muon (see the module docstring):
+    the same answer for every optimizer but Muon, which latentforge does not use."""
+    import importlib
+
+    utils = importlib.import_module("deepspeed.runtime.zero.utils")
+    engine = importlib.import_module("deepspeed.runtime.engine")
+    engine.is_zero_supported_optimizer = lambda optimizer: type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS
 
 
 def set_load_universal(ds_engine: Any, universal: bool) -> None:

@@ -191,8 +191,9 @@ class Schedule:
 
 
 def coef(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) per-sample coefficients -> (N, 1, 1, ...) in `like`'s dtype and device."""
-    return c.to(dtype=like.dtype).to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+    """(N,) per-sample coefficients -> (N, 1, 1, ...) in `like`'s dtype and device. The copy to
+    the device is asynchronous: the training step must not wait for the device."""
+    return c.to(dtype=like.dtype).to(like.device, non_blocking=True).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,10 +311,10 @@ def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator) -> 
 
 def where_dropped(dropped: torch.Tensor, x: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     """Rows of `x` (N, ...) where `dropped` (N,) bool is set, replaced by `null` (...)."""
-    null = null.to(dtype=x.dtype, device=x.device)
+    null = null.to(dtype=x.dtype, device=x.device, non_blocking=True)
     if null.dim() == x.dim() - 1:
         null = null.unsqueeze(0)
-    m = dropped.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    m = dropped.to(x.device, non_blocking=True).reshape(-1, *([1] * (x.dim() - 1)))
     return torch.where(m, null, x)
 
 
@@ -339,7 +340,7 @@ def cfg_drop(cond_tokens: torch.Tensor, null_tokens: torch.Tensor, p: float, gen
     n = cond_tokens.shape[0]
     dropped = torch.rand(n, generator=generator) < p  # (N,) bool, CPU
     tokens = where_dropped(dropped, cond_tokens, null_tokens)
-    dropped = dropped.to(cond_tokens.device)
+    dropped = dropped.to(cond_tokens.device, non_blocking=True)
     if pooled is None:
         return tokens, dropped
     if null_pooled is None:
@@ -374,9 +375,9 @@ def loss_fn(model_fn: ModelFn, x0: torch.Tensor, cond: Any, cfg: DiffusionConfig
     _check_cfg(cfg, schedule)
     n = x0.shape[0]
     t = sample_timesteps(n, schedule, generator)  # (N,) CPU
-    eps = offset_noise(x0.shape, cfg.offset_noise, generator).to(device=x0.device, dtype=x0.dtype)
+    eps = offset_noise(x0.shape, cfg.offset_noise, generator).to(device=x0.device, dtype=x0.dtype, non_blocking=True)
     x_t = add_noise(x0, eps, t, schedule)  # (N, C, H, W)
-    t_dev = t.to(x0.device)
+    t_dev = t.to(x0.device, non_blocking=True)
     out = model_fn(x_t, t_dev, cond)
     if out.shape != x0.shape:
         raise ValueError(f"model_fn: returned shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
@@ -384,7 +385,7 @@ def loss_fn(model_fn: ModelFn, x0: torch.Tensor, cond: Any, cfg: DiffusionConfig
     mse = ((out.float() - tgt) ** 2).flatten(1).mean(1)  # (N,)
     if schedule.objective == "ddpm":
         w = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, schedule.prediction)
-        per_sample = mse * w.to(device=mse.device, dtype=mse.dtype)
+        per_sample = mse * w.to(dtype=mse.dtype).to(mse.device, non_blocking=True)
     else:
         per_sample = mse
     if mask is None:

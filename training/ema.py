@@ -62,7 +62,6 @@ class EMA:
         if layout is not None and gather is None:
             raise ValueError("a sharded EMA needs the gather collective")
         self.cfg = cfg
-        self.updates = 0
         self.layout = layout
         self._gather = gather
         fragments = [isinstance(p, Fragment) for p in params.values()]
@@ -77,26 +76,70 @@ class EMA:
             self._owned = {n: (f.start, f.values.numel()) for n, f in params.items()}
             self.shadow = {n: torch.zeros(f.shape, dtype=torch.float32, device=dist.device())
                            for n, f in params.items()}
-            self._copy_fragments(params)
-            self._stale = True
-            self.sync()
         else:
             self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
-        # ZeRO-3 shards end in padding past the parameter's last element (the fp32 master
-        # partitions hold arbitrary bits there): updates leave it at zero.
-        self._valid = {n: self._valid_elements(n) for n in self.shadow} if layout is not None else {}
-        for name, n in self._valid.items():
-            self.shadow[name][n:] = 0
-
-    @property
-    def sharded(self) -> bool:
-        return self.layout is not None
+        # What an update writes, as views of the shadow, in one list for the fused lerp: the
+        # whole shadow; under ZeRO-3 the shard without its padding past the parameter's end
+        # (the fp32 master partitions hold arbitrary bits there; it stays zero); with
+        # fragments, the part this rank owns.
+        self._names: list[str] = []
+        self._targets: list[torch.Tensor] = []
+        for name, s in self.shadow.items():
+            if self._owned is not None:
+                start, n = self._owned[name]
+                target = s.view(-1)[start:start + n]
+            elif layout is not None:
+                n = self._valid_elements(name)
+                s[n:] = 0
+                target = s[:n]
+            else:
+                target = s
+            if target.numel():
+                self._names.append(name)
+                self._targets.append(target)
+        # Updates counted on the host, plus those whose weight was a device flag (added
+        # there, so an update costs no host sync); `updates` sums the two.
+        self._updates, self._updates_dev = 0, None
+        if self._owned is not None:
+            if self._targets:
+                torch._foreach_copy_(self._targets, self._sources(params))
+            self._stale = True
+            self.sync()
 
     def _valid_elements(self, name: str) -> int:
         """Elements of this rank's shard of `name` that belong to the parameter (the rest is padding)."""
         n, world, rank = self.layout["numel"][name], self.layout["world_size"], self.layout["rank"]
         per = math.ceil(n / world)
         return max(0, min(per, n - rank * per))
+
+    def _sources(self, params: dict[str, Any]) -> list[torch.Tensor]:
+        """What each target averages in, from `params` (as in the constructor), on the
+        target's device and dtype."""
+        out = []
+        for name, t in zip(self._names, self._targets):
+            p = params[name]
+            if isinstance(p, Fragment):
+                if (p.start, p.values.numel()) != self._owned[name]:
+                    raise ValueError(f"EMA parameter {name}: the optimizer's partition changed since the EMA was built")
+                p = p.values
+            elif t.numel() != p.numel():
+                p = p.view(-1)[:t.numel()]  # a ZeRO-3 shard without its padding
+            p = p.detach()
+            out.append(p if p.dtype == t.dtype and p.device == t.device else p.to(t.device, t.dtype))
+        return out
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None
+
+    @property
+    def updates(self) -> int:
+        """How many updates moved the average (reads a device counter: a host sync)."""
+        return self._updates + (int(self._updates_dev.item()) if self._updates_dev is not None else 0)
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self._updates, self._updates_dev = int(n), None
 
     def decay_at(self, step: int) -> float:
         if step < self.cfg.start_step:
@@ -107,32 +150,25 @@ class EMA:
         return min(self.cfg.decay, 1.0 - (1.0 + t) ** -self.cfg.warmup_power)
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor | Fragment], step: int) -> float:
-        """params: as in the constructor, after the optimizer step."""
+    def update(self, params: dict[str, torch.Tensor], step: int, applied: torch.Tensor | None = None) -> float:
+        """params: as in the constructor, after the optimizer step. One fused multi-tensor
+        lerp over every tensor: s = d * s + (1 - d) * p. `applied`: a device scalar, 1.0 when
+        the optimizer step was applied and 0.0 when it was dropped; the weight becomes
+        (1 - d) * applied, so a dropped step leaves the average exactly as it was (lerp with
+        weight 0), decided on the device without a host sync. Returns d."""
         d = self.decay_at(step)
-        if self._owned is not None:
-            self._copy_fragments(params, weight=1.0 - d)
-            self._stale = True  # every rank updates at the same steps, so every rank syncs alike
+        srcs = self._sources(params)
+        if applied is None:
+            if self._targets:
+                torch._foreach_lerp_(self._targets, srcs, 1.0 - d)
+            self._updates += 1
         else:
-            for name, s in self.shadow.items():
-                n = self._valid.get(name)
-                p = params[name].detach()
-                if n is None:
-                    s.lerp_(p.to(s.device, torch.float32), 1.0 - d)  # s = d * s + (1 - d) * p
-                else:
-                    s[:n].lerp_(p[:n].to(s.device, torch.float32), 1.0 - d)
-        self.updates += 1
+            if self._targets:
+                weight = applied.to(self._targets[0].device, torch.float32) * (1.0 - d)  # () on the device
+                torch._foreach_lerp_(self._targets, srcs, [weight] * len(srcs))
+            self._updates_dev = applied.detach().clone() if self._updates_dev is None else self._updates_dev + applied
+        self._stale = self._owned is not None  # every rank updates at the same steps: every rank syncs alike
         return d
-
-    def _copy_fragments(self, params: dict[str, Any], weight: float = 1.0) -> None:
-        """Lerp (weight 1: copy) this rank's fragments into the shadow."""
-        for name, s in self.shadow.items():
-            f = params[name]
-            if not isinstance(f, Fragment) or (f.start, f.values.numel()) != self._owned[name]:
-                raise ValueError(f"EMA parameter {name}: the optimizer's partition changed since the EMA was built")
-            if f.values.numel():
-                part = s.view(-1)[f.start:f.start + f.values.numel()]
-                part.lerp_(f.values.detach().to(s.device, torch.float32), weight)
 
     @torch.no_grad()
     def sync(self) -> None:

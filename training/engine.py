@@ -21,11 +21,13 @@ import torch
 
 from latentforge import dist
 from latentforge.config import Config, ConfigError, batch_split
-from latentforge.env import free_port
+from latentforge.env import bind_gloo_interface, free_port
 from latentforge.fileio import atomic_write
-from latentforge.log import quiet_prints, quiet_third_party
+from latentforge.log import get_logger, quiet_prints, quiet_third_party
 from latentforge.training import deepspeed_compat as compat
 from latentforge.training.ema import Fragment
+
+log = get_logger("train")
 
 
 def _deepspeed() -> Any:
@@ -35,6 +37,9 @@ def _deepspeed() -> Any:
     import deepspeed
 
     compat.check_version(deepspeed.__version__)
+    if dist.device().type == "cpu":
+        compat.skip_shm_comm_op()  # nothing compiled at start-up (training never uses the op)
+    compat.skip_muon_import()  # nor torch._inductor imported for an optimizer we do not use
     quiet_third_party()
     return deepspeed
 
@@ -154,6 +159,9 @@ def init_distributed(timeout_s: float) -> None:
                           MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    network = bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
+    if network:
+        log.info(network)
     import datetime
 
     bind_device_env()
@@ -176,6 +184,14 @@ class Engine:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
         # DeepSpeed's file I/O: hashed and fsynced as written, loaded weights-only.
         self._written = compat.install_checkpoint_io(ds_engine)
+        # `step()` answers with one of these device scalars, picked in Python: no transfer.
+        device = ds_engine.device
+        self._one, self._zero = torch.ones((), device=device), torch.zeros((), device=device)
+        # ZeRO's optimizers (and DeepSpeed's fp16/bf16 wrappers) drop a step whose gradients
+        # are not finite (their `overflow` path). Without one (ZeRO stage 0 in fp32) the client
+        # AdamW checks its gradients itself, on the device: see `_guard_client_optimizer`.
+        self._found_inf = None if hasattr(ds_engine.optimizer, "overflow") else \
+            _guard_client_optimizer(client_optimizer, device)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -195,26 +211,27 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
-    def step(self, skip: bool = False) -> bool:
-        """One micro-step. At the accumulation boundary the optimizer steps, unless `skip`:
-        then the client optimizer's step is a no-op, so weights and Adam moments (and its
-        step count) are untouched, while DeepSpeed runs its usual boundary bookkeeping
-        (gradient reduction, clipping, zeroing the accumulated gradients) and its counters
-        stay aligned. Returns whether an optimizer update was applied at this boundary:
-        False between boundaries, when skipped, or when DeepSpeed itself dropped the step
-        because the gradients were not finite (ZeRO's overflow check)."""
+    def step(self) -> torch.Tensor:
+        """One micro-step; at the accumulation boundary the optimizer steps. Returns, without
+        a host sync, a device scalar: 1.0 when an optimizer update was applied at this
+        boundary; 0.0 between boundaries and when the step was dropped because a gradient
+        was not finite. A dropped step leaves the weights and Adam moments (and its step
+        count) untouched: DeepSpeed's overflow path under ZeRO or fp16/bf16, which reduces
+        the check over ranks with the gradient norm it computes anyway; otherwise the client
+        AdamW's found_inf, set from gradients that are already identical on every rank. The
+        training loop makes a non-finite loss into NaN gradients (training/loop.py), so this
+        one check covers both."""
         boundary = self.ds.is_gradient_accumulation_boundary()
-        if skip and boundary:
-            self.client_optimizer.step = lambda *a, **k: None  # instance attribute shadows the method
-            try:
-                self.ds.step()
-            finally:
-                del self.client_optimizer.step
-            return False
         self.ds.step()
-        return boundary and not bool(getattr(self.ds.optimizer, "overflow", False))
+        if not boundary:
+            return self._zero
+        if self._found_inf is not None:
+            return self._one - self._found_inf[0]
+        # DeepSpeed decided on the host (it read the norm back); no extra sync here.
+        return self._zero if self.ds.optimizer.overflow else self._one
 
     def grad_norm(self) -> float:
+        """The last step's global gradient norm (a host sync: call it at log steps)."""
         n = self.ds.get_global_grad_norm()
         return float(n) if n is not None else float("nan")
 
@@ -357,6 +374,30 @@ def place_optimizer_steps(optimizer: torch.optim.Optimizer) -> None:
                 step = state["step"]
                 step = step if torch.is_tensor(step) else torch.tensor(float(step))
                 state["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
+def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Make `optimizer` (a fused torch AdamW that DeepSpeed steps without an overflow check)
+    skip a step whose gradients hold a NaN or inf, on the device: before each step one fused
+    pass over the gradients (the GradScaler's check, with a scale of 1) sets `found_inf`,
+    which torch's fused AdamW honours by leaving parameters, moments and step counts as they
+    were. Returns the (1,) flag the next step fills: 1.0 when it was skipped."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("the client optimizer must be a fused torch AdamW (found_inf needs the fused kernel)")
+    found_inf = torch.zeros(1, device=device)
+    unit = torch.ones(1, device=device)
+    step = optimizer.step
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        found_inf.zero_()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit)  # grads * 1: unchanged
+        optimizer.found_inf, optimizer.grad_scale = found_inf, None  # torch's AMP hook of Adam.step
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded_step  # an instance attribute shadows the method
+    return found_inf
 
 
 def _activation_checkpointing_available(model: torch.nn.Module) -> bool:

@@ -10,6 +10,13 @@
 
 The consolidation reads DeepSpeed's sharded files directly (zero_to_fp32), so export
 runs in one process with no process group, from any ZeRO stage.
+
+EXPORT is refused when it is, contains or lies inside a run, checkpoint or latent
+directory or an MLflow store, or is a non-empty directory other than an earlier export
+(latentforge/outputs.py). An earlier export is replaced atomically: the new one is written
+to a temporary sibling, the old one moved aside, the new one moved in, the old one
+deleted; the next export (or a reader of the export) puts an aside copy back if a crash
+left nothing under the name.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import numpy as np
 import torch
 
 from latentforge import config as config_mod
+from latentforge import outputs
+from latentforge.fileio import write_json
 from latentforge.log import get_logger
 from latentforge.training import checkpoint
 from latentforge.training.state import overlay_ema
@@ -32,9 +41,24 @@ log = get_logger("export")
 META = "latentforge.json"
 
 
+def is_export(path: Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def check_out(out: Path, cfg: config_mod.Config) -> None:
+    """Refuse an EXPORT path that would destroy work (one line), after putting back an
+    earlier export that an interrupted replacement left aside."""
+    recovered = outputs.recover_dir(out, is_export)
+    if recovered:
+        log.info(f"{out}: {recovered}")
+    outputs.check_output_dir(out, command="export", metadata=META, is_earlier_output=is_export,
+                             stores=outputs.store_paths(cfg.resolved_tracking_uri))
+
+
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     cfg = config_mod.load_resolved(run_dir / "config.yaml")
+    check_out(out, cfg)
     tag = tag or checkpoint.latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
@@ -43,37 +67,38 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
     if not state.shapes:
         raise ValueError(f"{where}: checkpoint lacks the latent shapes")
     null_tokens, null_pooled = state.null_embeddings()
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = outputs.temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-
-    unet = unet_from_weights(cfg.model, state.shapes, weights, str(where))
-    unet.save_pretrained(tmp / "unet")
-    has_ema = bool(state.ema)
-    if has_ema:
-        overlay_ema(unet, state.ema["shadow"])
-        unet.save_pretrained(tmp / "unet_ema")
-    shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
-    np.savez(tmp / "null_text.npz", tokens=null_tokens.numpy(), pooled=null_pooled.numpy())
-    meta = {
-        "format": "latentforge-export/1",
-        "step": state.step,
-        "samples_seen": state.samples_seen,
-        "run_dir": str(run_dir.resolve()),
-        "checkpoint": tag,
-        "mlflow_run_id": state.mlflow_run_id,
-        "ema": has_ema,
-        "shapes": state.shapes,
-        "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
-        "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
-        "scale": state.scale,
-        "shift": state.shift,
-        "diffusion": config_mod.to_dict(cfg.diffusion),
-    }
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        unet = unet_from_weights(cfg.model, state.shapes, weights, str(where))
+        unet.save_pretrained(tmp / "unet")
+        has_ema = bool(state.ema)
+        if has_ema:
+            overlay_ema(unet, state.ema["shadow"])
+            unet.save_pretrained(tmp / "unet_ema")
+        shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+        np.savez(tmp / "null_text.npz", tokens=null_tokens.numpy(), pooled=null_pooled.numpy())
+        meta = {
+            "format": "latentforge-export/1",
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "run_dir": str(run_dir.resolve()),
+            "checkpoint": tag,
+            "mlflow_run_id": state.mlflow_run_id,
+            "ema": has_ema,
+            "shapes": state.shapes,
+            "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
+            "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
+            "scale": state.scale,
+            "shift": state.shift,
+            "diffusion": config_mod.to_dict(cfg.diffusion),
+        }
+        write_json(tmp / META, meta)  # last: an export is recognised by it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    outputs.replace_dir(tmp, out)
     record_export(cfg, meta.get("mlflow_run_id"), out)
     return out
 
@@ -99,6 +124,7 @@ def load_export(model_dir: str | Path, use_ema: bool = True, device: torch.devic
     from diffusers import UNet2DConditionModel
 
     model_dir = Path(model_dir)
+    outputs.recover_dir(model_dir, is_export)  # an export whose replacement was interrupted
     if not (model_dir / META).is_file():
         raise FileNotFoundError(f"{model_dir}: not a latentforge export (no {META})")
     meta = json.loads((model_dir / META).read_text())

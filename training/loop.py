@@ -27,14 +27,14 @@ from latentforge.config import AbortError, Config
 from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders, expected_identity
 from latentforge.data.loader import LatentLoader, split_parts
-from latentforge.log import Progress, get_logger
+from latentforge.log import Progress, StartupClock, get_logger
 from latentforge.training import checkpoint
 from latentforge.training import engine as eng
-from latentforge.training.control import SAVE, STOP, Watchdog
+from latentforge.training.control import SAVE, STOP, STOP_SIGNALS, EvalInterrupted, Peers, Watchdog
 from latentforge.training.diffusion import Schedule, cfg_drop, loss_fn
 from latentforge.training.ema import EMA
 from latentforge.training.state import TrainState
-from latentforge.training.tracking import Tracker, run_key_for
+from latentforge.training.tracking import SPOOL_DIR, Tracker, run_key_for
 from latentforge.training.unet import build_unet, count_params, unet_forward
 
 log = get_logger("train")
@@ -152,12 +152,16 @@ def restore(engine: eng.Engine, ema: EMA | None, run_dir: Path, plan: checkpoint
 def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_params: int,
                   note: dict[str, str] | None = None) -> Tracker:
     """Rank 0 owns the MLflow run; its id lives in the checkpoint (the others get a no-op).
-    `note`: extra tags, such as a resume's fallback (`ResumePlan.fallback_tags`)."""
+    Records wait in RUN_DIR/tracking until the store has them; what an earlier job left
+    there is delivered first (training/tracking.py). `note`: extra tags, such as a
+    resume's fallback (`ResumePlan.fallback_tags`)."""
+    main = dist.is_main()
     tracker = Tracker(uri=cfg.resolved_tracking_uri, experiment=cfg.tracking.experiment,
-                      run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and dist.is_main(),
+                      run_name=cfg.tracking.run_name or run_dir.name, enabled=cfg.tracking.enabled and main,
                       system_metrics=cfg.tracking.system_metrics, max_buffer=cfg.tracking.max_buffer,
-                      run_key=run_key_for(run_dir) if dist.is_main() else None)
-    tracker.start(run_id=state.mlflow_run_id)
+                      run_key=run_key_for(run_dir) if main else None, spool_dir=run_dir / SPOOL_DIR if main else None)
+    # The run opens in the tracker's thread, off the critical path of the start-up.
+    tracker.start(run_id=state.mlflow_run_id, resume_step=None if fresh else state.step, wait=False)
     if fresh:
         tracker.log_params(config_mod.flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
@@ -169,60 +173,73 @@ def build_tracker(cfg: Config, run_dir: Path, state: TrainState, fresh: bool, n_
 
 # ---------------------------------------------------------------------------------------
 # The optimizer step and the checkpoint decision.
+#
+# In the steady state the host never waits for the device: the step's outcome (its loss,
+# whether the update was applied) stays in device tensors, the EMA follows it there, and
+# the Meter accumulates it there. The host reads them, and the ranks agree on the stop and
+# save flags, only at sync points: log steps, checkpoint steps and a (re)start's first step
+# (`sync_due`). A signal therefore takes effect within train.log_every steps.
 
 
 @dataclass
 class StepOutcome:
-    loss: float  # mean loss over the micro-batches (0 when not finite)
-    samples: float  # real samples this rank consumed (padding excluded)
-    applied: bool  # the optimizer updated the weights
-    skipped: bool  # a non-finite loss or gradient: the update was a no-op on every rank
-    overflowed: bool  # fp16: DeepSpeed dropped the step while finding its loss scale
+    loss: torch.Tensor  # () device: mean loss over the micro-batches (0 when not finite)
+    samples: float  # real samples this rank consumed (padding excluded; counted on the host)
+    applied: torch.Tensor  # () device: 1.0 when the optimizer updated the weights
+    skipped: torch.Tensor  # () device: 1.0 when a non-finite loss or gradient dropped the step on every rank
+    overflowed: torch.Tensor  # () device: 1.0 when fp16 dropped the step while finding its loss scale
     wait_s: float  # time spent waiting for the loader
 
 
 def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: Config, schedule: Schedule,
                    null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int) -> StepOutcome:
     """Forward and backward over the micro-batches of one optimizer step, then the step.
+    No host sync and no collective beyond DeepSpeed's own.
 
-    A non-finite loss on any rank in any micro-batch skips the whole step: the ranks agree
-    once, before the boundary, and the optimizer update becomes a no-op (weights and Adam
-    moments untouched). The backward passes still run, so DeepSpeed's accumulation and
-    reduction stay in step on every rank; the gradients they leave are discarded at the
-    boundary. DeepSpeed also drops a step by itself when the gradients are not finite
-    (ZeRO's overflow check; under fp16 that is how the loss scale finds its level)."""
+    A non-finite loss on any rank in any micro-batch drops the whole step, decided on the
+    device: the loss that goes into backward is multiplied by NaN (by exactly 1 when it is
+    finite), so every gradient of that rank is NaN, the gradient reduction carries NaN to
+    every rank, and the engine's overflow check drops the step there (weights and Adam
+    moments untouched; see Engine.step). The same check catches non-finite gradients of a
+    finite loss."""
     device = dist.device()
-    null_tokens, null_pooled = (t.to(device) for t in null_text)
+    null_tokens, null_pooled = (t.to(device, non_blocking=True) for t in null_text)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return unet_forward(engine, x.to(engine.dtype), t, {k: v.to(engine.dtype) for k, v in cond.items()})
 
-    local_bad, skip, applied = False, False, False
-    loss_sum, samples, wait = 0.0, 0.0, 0.0
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    applied = torch.zeros((), device=device)
+    samples, wait = 0.0, 0.0
     for micro in range(accum):
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
+        samples += float(batch["mask"].sum())  # host data, counted before it moves
         gen = step_generator(cfg.train.seed, dist.rank(), step, micro)
-        x0 = batch["latents"].to(device)  # (B, C, h, w)
+        # Host-to-device copies are asynchronous (the loader pins its batches on CUDA).
+        x0 = batch["latents"].to(device, non_blocking=True)  # (B, C, h, w)
         # Text arrives as fp16: move it first, so the fp32 promotion in cfg_drop happens on
         # the device and the host-to-device copy moves half the bytes.
-        text, pooled, _ = cfg_drop(batch["text"].to(device), null_tokens, cfg.diffusion.cfg_dropout, gen,
-                                   pooled=batch["pooled"].to(device), null_pooled=null_pooled)
-        mask = batch["mask"].to(device)  # (B,) 0 for padding
+        text, pooled, _ = cfg_drop(batch["text"].to(device, non_blocking=True), null_tokens,
+                                   cfg.diffusion.cfg_dropout, gen, pooled=batch["pooled"].to(device, non_blocking=True),
+                                   null_pooled=null_pooled)
+        mask = batch["mask"].to(device, non_blocking=True)  # (B,) 0 for padding
         loss = loss_fn(model_fn, x0, {"text": text, "pooled": pooled}, cfg.diffusion, schedule, gen,
                        mask=mask)["loss"]
-        finite = bool(torch.isfinite(loss))
-        local_bad |= not finite
-        skip = dist.any_rank(local_bad) if micro == accum - 1 else False
-        engine.backward(loss)
-        applied = engine.step(skip=skip)
-        loss_sum += float(loss.detach()) / accum if finite else 0.0
-        samples += float(mask.sum())
-    fp16 = engine.dtype == torch.float16
-    return StepOutcome(loss=loss_sum, samples=samples, applied=applied,
-                       skipped=skip or (not applied and not fp16), overflowed=not skip and not applied and fp16,
-                       wait_s=wait)
+        finite = torch.isfinite(loss)  # () bool, on the device
+        bad |= ~finite
+        engine.backward(loss * torch.where(finite, 1.0, float("nan")))
+        applied = engine.step()
+        loss_sum += torch.where(finite, loss.detach(), 0.0) / accum
+    dropped = applied == 0
+    if engine.dtype == torch.float16:  # a dropped step without a bad loss is the loss scale's search
+        skipped, overflowed = bad, dropped & ~bad
+    else:
+        skipped, overflowed = dropped, torch.zeros_like(dropped)
+    return StepOutcome(loss=loss_sum, samples=samples, applied=applied, skipped=skipped.float(),
+                       overflowed=overflowed.float(), wait_s=wait)
 
 
 @dataclass
@@ -232,56 +249,134 @@ class CheckpointDecision:
     asked: bool  # an on-demand save (SIGUSR1 or RUN_DIR/SAVE_NOW)
 
 
-def checkpoint_due(cfg: Config, step: int, run_dir: Path, last_save: float) -> CheckpointDecision:
-    """Whether to checkpoint after `step`: every N steps, every M minutes, on demand
-    (SIGUSR1 or RUN_DIR/SAVE_NOW, which only rank 0 looks at), on a stop signal, or at the
-    end. Collective: the flags are agreed on by all ranks (DeepSpeed's save is collective)."""
-    flags = dist.all_reduce_max(torch.tensor(
-        [float(STOP.signum is not None),
-         float(cfg.train.ckpt_every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes),
-         float(SAVE.signum is not None or (dist.is_main() and (run_dir / checkpoint.SAVE_NOW).exists()))],
-        device=dist.device()))
-    stop, timed, asked = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
+def control_flags(cfg: Config, run_dir: Path, last_save: float) -> list[float]:
+    """This rank's [stop, timed save, asked save] as seen now: a stop signal, train.ckpt_every_minutes
+    elapsed since `last_save`, an on-demand save (SIGUSR1, or RUN_DIR/SAVE_NOW, which only
+    rank 0 looks at). The ranks agree on them at sync points (Meter.sync)."""
+    return [float(STOP.signum is not None),
+            float(cfg.train.ckpt_every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes),
+            float(SAVE.signum is not None or (dist.is_main() and (run_dir / checkpoint.SAVE_NOW).exists()))]
+
+
+def checkpoint_due(cfg: Config, step: int, agreed: tuple[bool, bool, bool] | None) -> CheckpointDecision:
+    """Whether to checkpoint after `step`: every N steps or at the end (the same on every
+    rank without talking), and, at a sync point, on the flags every rank agreed on there
+    (`agreed`: stop, timed, asked; None between sync points)."""
+    stop, timed, asked = agreed or (False, False, False)
     every = cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0
     return CheckpointDecision(every or timed or stop or asked or step == cfg.train.max_steps, stop, asked)
 
 
-class Meter:
-    """The train/* metrics of one logging window; this rank's share until `reduce()`."""
+def sync_due(cfg: Config, step: int, first: bool) -> bool:
+    """Whether `step` is a sync point: a log step, a checkpoint step, an eval step (an eval
+    interrupted by a stop signal checkpoints there), or a (re)start's first step (a flag set
+    while the run was loading takes effect at once)."""
+    return (first or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+            or (cfg.train.ckpt_every_steps > 0 and step % cfg.train.ckpt_every_steps == 0)
+            or (cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0))
 
-    def __init__(self) -> None:
-        self.loss, self.n_loss, self.samples, self.wait = 0.0, 0, 0.0, 0.0
-        self.unsynced = 0.0  # samples not yet added to samples_seen (summed over ranks at log/checkpoint)
+
+@dataclass
+class Tally:
+    """What the ranks agreed on at a sync point (the same on every rank)."""
+
+    samples: int  # real samples all ranks consumed since the last sync point
+    skipped: int  # steps dropped for a non-finite loss or gradient since the last sync point
+    last_skipped: int  # the latest such step (-1: none yet)
+    run: int  # consecutive dropped steps ending at `last_skipped`
+    abort_step: int  # the step at which train.max_nonfinite_steps in a row were reached (-1: not yet)
+    overflows: int  # fp16 loss-scale overflows so far
+    flags: tuple[bool, bool, bool]  # stop, timed save, asked save: raised on any rank
+    metrics: dict[str, float]  # the train/* window metrics (empty unless the window was closed)
+
+
+class Meter:
+    """The train/* metrics of one logging window and the step outcomes since the last sync
+    point, accumulated on the device without a host sync; this rank's share until `sync()`."""
+
+    def __init__(self, device: torch.device, max_nonfinite: int) -> None:
+        self.device, self.max_nonfinite = device, max_nonfinite
+        self.run = self._scalar(0)  # consecutive dropped steps, ending at the latest step
+        self.last_skipped, self.last_run = self._scalar(-1), self._scalar(0)  # the latest dropped step, its run
+        self.abort_step = self._scalar(-1)  # where max_nonfinite in a row were first reached
+        self.overflows = self._scalar(0)  # fp16 loss-scale overflows so far
+        self.skipped = self._scalar(0)  # dropped steps since the last sync point
+        self.unsynced = 0.0  # samples not yet added to samples_seen
+        self._open_window()
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
+    def _open_window(self) -> None:
+        self.loss, self.n_loss = self._scalar(0), self._scalar(0)  # loss sum and count of the applied steps
+        self.samples, self.wait = 0.0, 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, out: StepOutcome) -> None:
-        if not out.skipped and not out.overflowed:
-            self.loss += out.loss
-            self.n_loss += 1
+    def add(self, out: StepOutcome, step: int) -> None:
+        """Count one optimizer step (index `step`): device arithmetic only."""
+        counted = 1 - out.skipped - out.overflowed  # 1.0 when the step's loss counts
+        self.loss += out.loss * counted
+        self.n_loss += counted
+        self.skipped += out.skipped
+        self.overflows += out.overflowed
+        self.run = (self.run + 1) * out.skipped  # consecutive dropped steps, ending at this one
+        hit = out.skipped > 0
+        self.last_skipped = torch.where(hit, float(step), self.last_skipped)
+        self.last_run = torch.where(hit, self.run, self.last_run)
+        first_abort = (self.abort_step < 0) & (self.run >= self.max_nonfinite)
+        self.abort_step = torch.where(first_abort, float(step), self.abort_step)
         self.samples += out.samples
         self.unsynced += out.samples
         self.wait += out.wait_s
 
-    def sync_samples(self) -> int:
-        """Samples every rank consumed since the last sync (collective)."""
-        n = int(dist.all_reduce_sum(torch.tensor([self.unsynced], dtype=torch.float64, device=dist.device())).item())
-        self.unsynced = 0.0
-        return n
-
-    def reduce(self) -> tuple[dict[str, float], int]:
-        """(window metrics, samples since the last sync) over all ranks (collective); resets."""
+    def sync(self, flags: list[float], close_window: bool) -> Tally:
+        """Agree with the other ranks (one all-reduce, one read back): sums since the last
+        sync point, the stop/save flags, and with `close_window` the window's metrics
+        (then a new window opens). Collective."""
         world = dist.world_size()
-        s = dist.all_reduce_sum(torch.tensor([self.loss, self.samples, self.wait, self.unsynced],
-                                             dtype=torch.float64, device=dist.device())).tolist()
-        elapsed = time.perf_counter() - self.t0
-        metrics = {
-            # Mean over ranks and over the window's applied steps (skipped ones have no loss).
-            "train/loss": s[0] / world / self.n_loss if self.n_loss else float("nan"),
-            "train/samples_per_s": s[1] / elapsed,
-            "train/data_wait_frac": s[2] / world / elapsed,
-        }
-        self.__init__()
-        return metrics, int(s[3])
+        host = torch.tensor([self.samples, self.wait, self.unsynced, *flags], dtype=torch.float64)
+        packed = torch.cat([torch.stack([self.loss, self.n_loss, self.skipped, self.last_skipped, self.last_run,
+                                         self.abort_step, self.overflows]),
+                            host.to(self.device, non_blocking=True)])
+        s = dist.all_reduce_sum(packed).tolist()
+        loss, n_loss, skipped, last_skipped, last_run, abort_step, overflows = s[:7]
+        samples, wait, unsynced, stop, timed, asked = s[7:]
+
+        def same(v: float) -> int:  # every rank held the same value
+            return int(round(v / world))
+
+        metrics: dict[str, float] = {}
+        if close_window:
+            elapsed = time.perf_counter() - self.t0
+            metrics = {
+                # Mean over ranks and over the window's applied steps (dropped ones have no loss).
+                "train/loss": loss / world / (n_loss / world) if n_loss else float("nan"),
+                "train/samples_per_s": samples / elapsed,
+                "train/data_wait_frac": wait / world / elapsed,
+            }
+            self._open_window()
+        self.skipped.zero_()
+        self.unsynced = 0.0
+        return Tally(samples=int(round(unsynced)), skipped=same(skipped), last_skipped=same(last_skipped),
+                     run=same(last_run), abort_step=same(abort_step), overflows=same(overflows),
+                     flags=(stop > 0, timed > 0, asked > 0), metrics=metrics)
+
+
+def save_checkpoint(engine: eng.Engine, run_dir: Path, state: TrainState, data: LatentLoader, ema: EMA | None,
+                    tracker: Tracker, keep_last: int) -> None:
+    """Checkpoint the run at `state.step` (collective; a sync point, so `state` is up to
+    date), then make the tracking spool durable up to here: what was logged before a
+    checkpoint survives a lost node."""
+    state.loader, state.ema, state.mlflow_run_id = (
+        data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
+    checkpoint.save(engine, run_dir, state, keep_last)
+    tracker.sync()
+
+
+def stop_message(step: int, during: str = "") -> str:
+    if STOP.signum == signal.SIGINT:
+        return f"interrupted (Ctrl-C){during}: checkpointed at step {step}, exiting"
+    return f"stop signal {STOP.signum}{during}: checkpointed at step {step}, exiting for requeue"
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,9 +386,13 @@ class Meter:
 def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResult:
     """Train (or resume) the run `cfg` names. Every rank calls it. `make_evaluator` builds
     the periodic evaluator (none: no eval)."""
+    clock = StartupClock()  # where the start-up goes; logged at the first step
     eng.init_distributed(cfg.train.collective_timeout_s)
     world = dist.world_size()
-    STOP.install((signal.SIGUSR2, signal.SIGTERM))
+    peers = Peers.gather() if world > 1 else None  # who a lost rank was, for the error message
+    if peers is not None:
+        log.info(peers.layout())
+    STOP.install(STOP_SIGNALS)
     SAVE.install((signal.SIGUSR1,))
     run_dir = build_run_dir(cfg)
     micro_batch, accum = config_mod.batch_split(cfg, world)
@@ -301,21 +400,25 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
     resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints,
                                        timeout_s=cfg.train.collective_timeout_s)
+    clock.mark("process group")
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
     # prompts and the codec to decode samples.
     encoders = build_encoders(cfg, dist.device())
     latents = open_latents(cfg, encoders)
     shapes = latents.shapes
+    clock.mark("encoders")
 
     # Model, engine, EMA. Under ZeRO-3 each rank averages its own partition of the weights.
     unet = build_model(cfg, shapes)
     n_params = count_params(unet)
     engine = eng.build_engine(unet, cfg, run_dir, load_universal=bool(resume and resume.universal))
     ema = EMA(engine.ema_parameters(), cfg.ema, engine.ema_layout(), engine.gather_shard) if cfg.ema.enabled else None
+    clock.mark("engine")
 
     # Resume: weights, optimizer, EMA, step, data position, RNG, MLflow run id.
     state = restore(engine, ema, run_dir, resume, world, cfg)
+    clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
     # What export and stand-alone eval need without the latent directory.
     state.shapes, state.identity = shapes, latents.identity
@@ -324,18 +427,20 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state.config_hash = config_mod.config_hash(cfg)
     tracker = build_tracker(cfg, run_dir, state, fresh=resume is None, n_params=n_params,
                             note=resume.fallback_tags() if resume else None)
+    clock.mark("mlflow")
     schedule = Schedule.from_config(cfg.diffusion)
     evaluator = make_evaluator(cfg, encoders, shapes, latents.heldout_parts, latents.null_text, run_dir,
                                schedule) if make_evaluator is not None else None
+    clock.mark("evaluator")
 
     log.info(f"{n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
     batches = iter(data)
-    meter, progress = Meter(), Progress(cfg.train.max_steps, start=state.step)
-    last_save, nonfinite_run, overflow_total = time.monotonic(), 0, 0
+    meter, progress = Meter(dist.device(), cfg.train.max_nonfinite_steps), Progress(cfg.train.max_steps, start=state.step)
+    first_step, last_save, saved_step = state.step + 1, time.monotonic(), -1
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
-    watchdog = Watchdog(cfg.train.collective_timeout_s)
+    watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
     compiling = cfg.train.compile  # the first step compiles the U-Net (minutes for a large one): no hang
     try:
         while state.step < cfg.train.max_steps:
@@ -346,47 +451,57 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             engine.set_lr(eng.lr_at(cfg, state.step))
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
             compiling = False
-            meter.add(out)
-            overflow_total += int(out.overflowed)
+            meter.add(out, state.step)
+            if state.step + 1 == first_step:
+                clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest
+                clock.phases["first step"] -= out.wait_s
+                clock.phases["loader workers"] = out.wait_s
 
-            # Count non-finite steps; abort after too many in a row.
-            nonfinite_run = nonfinite_run + 1 if out.skipped else 0
-            if out.skipped:
-                state.nonfinite_total += 1
-                log.info(f"step {state.step}: non-finite loss or gradients, step skipped ({nonfinite_run} in a row)")
-                if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_run} consecutive non-finite losses at step {state.step} (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
-
-            # Update EMA (only with weights an optimizer step produced).
-            if ema is not None and out.applied:
-                ema.update(engine.ema_parameters(), state.step)
+            # Update EMA (a dropped step gives it weight 0, decided on the device).
+            if ema is not None:
+                ema.update(engine.ema_parameters(), state.step, applied=out.applied)
             state.step += 1
 
-            # Log.
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                metrics, synced = meter.reduce()
-                state.samples_seen += synced
-                metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
-                                "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
-                                "train/nonfinite_steps": float(state.nonfinite_total)})
-                if engine.dtype == torch.float16:
-                    metrics["train/overflow_steps"] = float(overflow_total)
-                tracker.log_metrics(metrics, step=state.step)
-                log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
-                         f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
-                         f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
+            # Sync point: the host reads the step outcomes back, the ranks agree on the flags.
+            agreed = None
+            if sync_due(cfg, state.step, state.step == first_step):
+                log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps
+                tally = meter.sync(control_flags(cfg, run_dir, last_save), close_window=log_now)
+                state.samples_seen += tally.samples
+                state.nonfinite_total += tally.skipped
+                agreed = tally.flags
+
+                # Count non-finite steps; abort after too many in a row.
+                if tally.skipped:
+                    log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped "
+                             f"({tally.run} in a row)" + (f"; {tally.skipped} skipped since the last report"
+                                                          if tally.skipped > 1 else ""))
+                if state.step == first_step:
+                    log.info(f"start-up: {clock.describe()}")
+                if tally.abort_step >= 0:
+                    raise NonFiniteLossError(
+                        f"{cfg.train.max_nonfinite_steps} consecutive non-finite losses at step {tally.abort_step} "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
+
+                # Log.
+                if log_now:
+                    metrics = tally.metrics
+                    metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
+                                    "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
+                                    "train/nonfinite_steps": float(state.nonfinite_total)})
+                    if engine.dtype == torch.float16:
+                        metrics["train/overflow_steps"] = float(tally.overflows)
+                    tracker.log_metrics(metrics, step=state.step)
+                    log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
+                             f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                             f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
 
             # Checkpoint.
-            decision = checkpoint_due(cfg, state.step, run_dir, last_save)
+            decision = checkpoint_due(cfg, state.step, agreed)
             if decision.save:
-                state.samples_seen += meter.sync_samples()
-                state.loader, state.ema, state.mlflow_run_id = (
-                    data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
                 watchdog.beat()  # a save's own barriers are bounded by the same timeout
-                checkpoint.save(engine, run_dir, state, cfg.train.keep_last)
-                last_save = time.monotonic()
+                save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
+                last_save, saved_step = time.monotonic(), state.step
                 if decision.asked:
                     SAVE.clear()
                     if dist.is_main():
@@ -394,19 +509,37 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                     log.info(f"on-demand checkpoint at step {state.step}")
             if decision.stop:
                 preempted = True
-                log.info(f"stop signal {STOP.signum}: checkpointed at step {state.step}, exiting for requeue")
+                log.info(stop_message(state.step))
                 break
 
-            # Evaluate.
+            # Evaluate. A stop signal interrupts it at a batch boundary, on every rank at once:
+            # checkpoint (unless this step just was), then leave like any stop.
             if (evaluator is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
                     and state.step < cfg.train.max_steps):
                 watchdog.pause()
-                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+                try:
+                    tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+                except EvalInterrupted:
+                    watchdog.beat()
+                    if saved_step != state.step:
+                        save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
+                    preempted = True
+                    log.info(stop_message(state.step, " during eval"))
+                    break
 
         watchdog.stop()
         if not preempted and evaluator is not None:
-            tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+            try:  # the last checkpoint is this step's: an interrupted final eval runs again after a requeue
+                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
+            except EvalInterrupted:
+                preempted = True
+                log.info(stop_message(state.step, " during the final eval"))
         status = "KILLED" if preempted else "FINISHED"
+    except Exception as e:
+        lost = peers.explain(e) if peers is not None else None  # a failed collective: name the silent rank
+        if lost is not None:
+            raise lost from e
+        raise
     finally:
         # Shut the loader's DataLoader workers down now. On an error (a dead peer rank, a
         # non-finite abort) the traceback keeps this frame, and with it the iterator, alive

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from latentforge.fileio import atomic_write
 from latentforge.log import get_logger, quiet_third_party
+from latentforge.outputs import sqlite_path
 
 log = get_logger("tracking")
 
@@ -92,13 +93,6 @@ def configure_env(request_timeout_s: int | None = None, default_timeout_s: int =
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(default_timeout_s))
     # Clusters are offline: no usage pings from a training job unless asked for.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (four slashes: absolute path)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
 def make_client(uri: str) -> Any:
@@ -183,10 +177,28 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+def job_tags() -> dict[str, str]:
+    """This process's standard tags, captured when it starts (a spooled record may reach
+    the store from another process): SLURM restarts, git state, package versions, user,
+    entry point. Its SLURM job id travels beside them (`MlflowStore.log_job`)."""
+    tags: dict[str, str] = {}
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    if restarts:
+        tags["slurm_restart_count"] = restarts
+    tags["git_commit"], tags["git_dirty"] = git_state()
+    tags.update(package_versions())
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:
+        pass
+    tags["mlflow.source.name"] = truncate(sys.argv[0] if sys.argv and sys.argv[0] else "python", MAX_TAG_VAL_LENGTH)
+    return tags
+
+
 @dataclass
 class OpenedRun:
     run_id: str
-    tags: dict[str, str]  # standard tags to send (the caller's own tags win over them)
+    tags: dict[str, str]  # tags the opening adds (run key, previous_run_id)
     params: dict[str, str] = field(default_factory=dict)  # params the run already has
 
 
@@ -198,7 +210,6 @@ class MlflowStore:
         self.experiment = experiment
         self.artifact_location = artifact_location
         self._client: Any = None
-        self._git: tuple[str, str] | None = None
         self.logged_params: dict[str, str] = {}
         self._warned_changed: set[str] = set()
 
@@ -231,9 +242,10 @@ class MlflowStore:
         return exp.experiment_id
 
     def open(self, resume_id: str | None, run_key: str | None, run_name: str, start_ms: int,
-             env: Mapping[str, str]) -> OpenedRun:
+             reopen: bool = True) -> OpenedRun:
         """Find or create the run: `resume_id` if the store knows it, else the run tagged
-        with `run_key`, else a new one. Sets it RUNNING. `env` are tags of this job."""
+        with `run_key`, else a new one. Sets a found run RUNNING when `reopen` (a job that
+        continues it; not `runs sync`, which only delivers what others logged)."""
         client = self.client
         exp_id = self.experiment_id()
         run = None
@@ -254,43 +266,47 @@ class MlflowStore:
         else:
             if run.info.lifecycle_stage == "deleted":
                 client.restore_run(run.info.run_id)
-            client.update_run(run.info.run_id, status="RUNNING")
-        tags = self.standard_tags(run.data.tags, env)
-        tags.update(extra)
+            if reopen:
+                client.update_run(run.info.run_id, status="RUNNING")
+        tags = dict(extra)
         if run_key and run.data.tags.get(RUN_KEY_TAG) != run_key:
             tags[RUN_KEY_TAG] = run_key
         self.logged_params = dict(run.data.params)
         return OpenedRun(run.info.run_id, tags, dict(run.data.params))
 
-    def standard_tags(self, existing: Mapping[str, str], env: Mapping[str, str]) -> dict[str, str]:
-        tags = dict(env)
-        ids = [j for j in existing.get("slurm_job_ids", "").split(",") if j]
-        job = slurm_job_id()
-        if job and job not in ids:
-            ids.append(job)
-        if ids:
+    def log_job(self, run_id: str, job: Mapping[str, Any]) -> None:
+        """A job's standard tags (a spooled `job` record: `job_tags()` of that process), its
+        SLURM job id appended to the run's `slurm_job_ids`."""
+        tags = dict(job["tags"])
+        jid = job.get("slurm_job_id")
+        if jid:
+            ids = [j for j in self.client.get_run(run_id).data.tags.get("slurm_job_ids", "").split(",") if j]
+            if jid not in ids:
+                ids.append(jid)
             tags["slurm_job_ids"] = truncate(",".join(ids), MAX_TAG_VAL_LENGTH)
-        restarts = os.environ.get("SLURM_RESTART_COUNT")
-        if restarts:
-            tags["slurm_restart_count"] = restarts
-        if self._git is None:
-            self._git = git_state()
-        commit, dirty = self._git
-        tags["git_commit"], tags["git_dirty"] = commit, dirty
-        tags.update(package_versions())
-        try:
-            tags["mlflow.user"] = getpass.getuser()
-        except Exception:
-            pass
-        tags["mlflow.source.name"] = truncate(sys.argv[0] if sys.argv and sys.argv[0] else "python",
-                                              MAX_TAG_VAL_LENGTH)
-        return tags
+        self.log_tags(run_id, list(tags.items()))
 
     # -- writes (each may raise; see is_permanent) ----------------------------------------
 
-    def log_params(self, run_id: str, batch: list[tuple[str, str]]) -> None:
-        """Params are immutable in MLflow: one the run has with the same value is skipped; a
-        different value is sent as the tag `param_changed/<key>`, with a warning."""
+    def log_batch(self, run_id: str, metrics: list[tuple[str, float, int, int]], params: list[tuple[str, str]],
+                  tags: list[tuple[str, str]]) -> None:
+        """One request: metrics as (key, value, timestamp ms, step), params and tags as (key,
+        value), within MLflow's per-request limits (the caller's). Params are immutable in
+        MLflow: one the run has with the same value is skipped; a different value is sent as
+        the tag `param_changed/<key>`, with a warning. Resending a batch whose answer was lost
+        is harmless on a SQL store: it keeps one row per identical (key, value, timestamp,
+        step), the same value of a param is accepted, a tag is overwritten."""
+        from mlflow.entities import Metric, RunTag
+
+        new, changed = self._params_to_send(params)
+        all_tags = [RunTag(k, v) for k, v in tags] + changed
+        if metrics or new or all_tags:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, ms, s) for k, v, ms, s in metrics], params=new,
+                                  tags=all_tags)
+        self.logged_params.update({p.key: p.value for p in new})
+
+    def _params_to_send(self, batch: list[tuple[str, str]]) -> tuple[list[Any], list[Any]]:
+        """(new Params, RunTags for changed values)."""
         from mlflow.entities import Param, RunTag
 
         new, changed = [], []
@@ -304,9 +320,7 @@ class MlflowStore:
                     log.warning(f"param {k!r} was logged as {old!r}, now {v!r} (a resume with a changed "
                                 f"config?); MLflow params are immutable: logged as tag param_changed/{k}")
                 changed.append(RunTag(truncate(f"param_changed/{k}", MAX_KEY_LENGTH), truncate(v, MAX_TAG_VAL_LENGTH)))
-        if new or changed:
-            self.client.log_batch(run_id, params=new, tags=changed)
-        self.logged_params.update({p.key: p.value for p in new})
+        return new, changed
 
     def refresh_params(self, run_id: str) -> None:
         """Learn the params the store has (an answer lost in flight may have logged some)."""
@@ -315,14 +329,8 @@ class MlflowStore:
     def log_tags(self, run_id: str, batch: list[tuple[str, str]]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in batch])
-
-    def log_metrics(self, run_id: str, batch: list[tuple[str, float, int, int]]) -> None:
-        """(key, value, timestamp ms, step) records. Resending a batch whose answer was lost is
-        harmless: the store keeps one row per identical (key, value, timestamp, step)."""
-        from mlflow.entities import Metric
-
-        self.client.log_batch(run_id, metrics=[Metric(k, v, ms, s) for k, v, ms, s in batch])
+        for i in range(0, len(batch), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in batch[i:i + MAX_PARAMS_TAGS_PER_BATCH]])
 
     def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None) -> None:
         if path.is_dir():
@@ -331,5 +339,6 @@ class MlflowStore:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_dir)
 
-    def set_terminated(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=status)
+    def set_terminated(self, run_id: str, status: str, end_ms: int | None = None) -> None:
+        """FINISHED, FAILED or KILLED, with the time the process ended (also when delivered later)."""
+        self.client.set_terminated(run_id, status=status, end_time=end_ms)

@@ -130,7 +130,10 @@ def _plot_loss(client: Any, runs: list[Any], histories: dict[tuple[str, str], li
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
-    fig.savefig(path, format="png", dpi=100)
+    from latentforge.fileio import atomic_open
+
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,16 +40,17 @@
 #   "No filesystem mounted on /sys/fs/cgroup ... slurmd initialization failed".
 # - `unshare --uts` inside the namespace gives the node its hostname; slurmd and jobs see it.
 # - Per-node slurmd paths take %n (spool, pid file, log).
-# - gloo must be told the namespace's interface (GLOO_SOCKET_IFNAME): left alone it picks an
-#   address from the hostname and a cross-node job hangs until killed. Every namespace names
-#   its interface eth0, and slurm.conf's TaskProlog exports GLOO_SOCKET_IFNAME=eth0 (and
-#   NCCL_SOCKET_IFNAME=eth0) into every task, batch scripts included.
+# - gloo binds to the address of the hostname unless GLOO_SOCKET_IFNAME names an interface;
+#   with a name that does not resolve a cross-node job hangs until killed. The /etc/hosts lines
+#   below make the names resolve, and nothing here sets GLOO_SOCKET_IFNAME, as on a real cluster:
+#   latentforge derives it (latentforge/env.py, bind_gloo_interface: the interface on the route
+#   to MASTER_ADDR, eth0 in every namespace).
 # - Paths are shared with the host (only net and uts are unshared), so the nodes reach munged
 #   through its unix socket and see the same files.
 #
 # Everything lives under one prefix (LF_SLURM_MULTI_PREFIX, default /tmp/latentforge-slurm-multi),
-# laid out like cluster.sh's plus etc/nodes (the node names), etc/task_prolog.sh and per-node
-# run/slurmd.NODE.pid, log/slurmd.NODE.log, spool/NODE.
+# laid out like cluster.sh's plus etc/nodes (the node names) and per-node run/slurmd.NODE.pid,
+# log/slurmd.NODE.log, spool/NODE.
 #
 # Knobs (environment): LF_SLURM_MULTI_PREFIX, LF_SLURM_MULTI_PORT_BASE (slurmctld port; slurmd
 # and slurmdbd use the next two; default 6917, cluster.sh's is 6817), LF_SLURM_UP_TIMEOUT
@@ -88,7 +89,6 @@ SLURMD_PIDFILE=$PREFIX/run/slurmd.%n.pid
 SLURMD_LOGFILE=$PREFIX/log/slurmd.%n.log
 NODES_FILE=$PREFIX/etc/nodes
 HOLDERS=$PREFIX/holders  # one file per user process (`--holder PID`): its start time
-TASK_PROLOG=$PREFIX/etc/task_prolog.sh
 HOSTS_MARK="# latentforge multinode.sh $PREFIX"
 NO_NETNS_RC=77
 NODES=()
@@ -169,10 +169,6 @@ check_holder() {
 
 render_site_conf() {
     cat <<EOF
-# Every node is a network namespace whose one interface (besides lo) is $IFNAME on the bridge;
-# gloo left alone picks an address from the hostname and hangs, so every task gets
-# GLOO_SOCKET_IFNAME=$IFNAME from this prolog.
-TaskProlog=$TASK_PROLOG
 # A node whose slurmd stops answering (kill-node) is DOWN after 30 s, not the default 300.
 SlurmdTimeout=30
 # slurmctld listens on its SlurmctldHost address (the bridge) only, not on every interface.
@@ -187,16 +183,6 @@ render_nodes() {
     for i in "${!NODES[@]}"; do
         echo "NodeName=${NODES[i]} NodeAddr=$(node_addr $((i + 1))) CPUs=$NCPUS RealMemory=$mem State=UNKNOWN"
     done
-}
-
-render_task_prolog() {
-    cat <<EOF
-#!/bin/sh
-# Written by slurm/local/$SCRIPT: run by slurmstepd before every task; "export K=V" lines on
-# stdout go into the task's environment. Inside a node's namespace the only way out is $IFNAME.
-echo "export GLOO_SOCKET_IFNAME=$IFNAME"
-echo "export NCCL_SOCKET_IFNAME=$IFNAME"
-EOF
 }
 
 # ---------------------------------------------------------------------------------------
@@ -417,7 +403,6 @@ cmd_up() {
     update_hosts
     for node in "${NODES[@]}"; do spools+=("$(node_path "$SLURMD_SPOOL" "$node")"); done
     write_config "${spools[@]}"
-    if render_task_prolog | write_if_changed "$TASK_PROLOG" 755; then CONF_CHANGED=1; fi
     # Fast path: everything running with the same config.
     if ((CONF_CHANGED == 0)) && controller_alive && slurmds_alive && nodes_usable; then
         register_holder "$holder"
