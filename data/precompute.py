@@ -50,7 +50,7 @@ from latentforge import outputs
 from latentforge.config import Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data import raw, shards
-from latentforge.data.encoders import Encoders, build_encoders
+from latentforge.data.encoders import Encoders, build_encoders, with_recorded_dtypes
 from latentforge.fileio import write_json
 from latentforge.hashing import sha256_file
 from latentforge.log import get_logger
@@ -332,6 +332,10 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
     from latentforge import dist
 
     device = dist.device()
+    # "auto" dtypes: resolved on this device when this run starts the dataset, else the ones
+    # it recorded (a re-run or another array task encodes as the first one did).
+    recorded = json.loads((out_dir / lat.IDENTITY).read_text()) if (out_dir / lat.IDENTITY).is_file() else None
+    cfg = with_recorded_dtypes(cfg, recorded)
     enc = encoders if encoders is not None else build_encoders(cfg, device)
     identity = enc.identity(cfg)
     ihash = lat.identity_hash(identity)

@@ -25,7 +25,7 @@ from latentforge import config as config_mod
 from latentforge import dist
 from latentforge.config import AbortError, Config, ConfigError
 from latentforge.data import latents as lat
-from latentforge.data.encoders import Encoders, build_encoders
+from latentforge.data.encoders import Encoders, build_encoders, expected_identity
 from latentforge.data.loader import LatentLoader, split_parts
 from latentforge.log import Progress, StartupClock, get_logger
 from latentforge.training import checkpoint, init_from
@@ -94,6 +94,7 @@ class LatentData:
     """The latent dataset as the loop sees it: checked against the encoders, split."""
 
     directory: Path
+    identity: dict[str, Any]  # what made the latents (the manifest's), with the dtypes precompute resolved
     shapes: dict[str, list[int]]  # {"latent": [C, h, w], "text": [L, D], "pooled": [P]}
     train_parts: list[dict]
     heldout_parts: list[dict]
@@ -102,14 +103,16 @@ class LatentData:
 
 
 def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
-    """The manifest, refused when its identity differs from the encoders' (one line)."""
+    """The manifest, refused when its identity differs from the encoders' (one line). An
+    "auto" encoder dtype accepts the one precompute recorded, on whatever device it ran."""
     directory = cfg.resolved_latent_dir
     manifest = lat.load_manifest(directory)
-    lat.check_identity(manifest, encoders.identity(cfg), str(directory / lat.MANIFEST))
+    lat.check_identity(manifest, expected_identity(encoders, cfg, manifest["identity"]),
+                       str(directory / lat.MANIFEST))
     train_parts, heldout_parts = split_parts(manifest, cfg.data.heldout_shards)
     null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(directory))
-    return LatentData(directory, manifest["shapes"], train_parts, heldout_parts, (null_tokens, null_pooled),
-                      lat.dataset_id(directory, manifest, train_parts))
+    return LatentData(directory, manifest["identity"], manifest["shapes"], train_parts, heldout_parts,
+                      (null_tokens, null_pooled), lat.dataset_id(directory, manifest, train_parts))
 
 
 def preflight(cfg: Config) -> None:
@@ -431,7 +434,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     micro_batch, accum = config_mod.batch_split(cfg, world)
     # Resume is the default whenever the run directory holds a checkpoint. A different
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
-    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints)
+    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints,
+                                       timeout_s=cfg.train.collective_timeout_s)
     clock.mark("process group")
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
@@ -457,7 +461,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
     # What export and stand-alone eval need without the latent directory.
-    state.shapes, state.identity = shapes, encoders.identity(cfg)
+    state.shapes, state.identity = shapes, latents.identity
     state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
@@ -481,11 +485,16 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
     watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
+    compiling = cfg.train.compile  # the first step compiles the U-Net (minutes for a large one): no hang
     try:
         while state.step < cfg.train.max_steps:
-            watchdog.beat()
+            if compiling:
+                watchdog.pause()
+            else:
+                watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, state.step))
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
+            compiling = False
             meter.add(out, state.step)
             if state.step + 1 == first_step:
                 clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest

@@ -62,13 +62,24 @@ def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: d
     return unet
 
 
-def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
+def takes_pooled(unet: Any) -> bool:
+    """Whether `unet` adds the pooled text embedding to its time embedding (a "projection"
+    class embedding). Decided by the diffusers model itself, under any wrappers that hold it
+    as `.module` (our Engine, DeepSpeed's engine, DDP): a wrapper has no `.config`."""
+    m = unet
+    while getattr(m, "config", None) is None and getattr(m, "module", None) is not None:
+        m = m.module
+    config = getattr(m, "config", None)
+    if config is None:
+        raise TypeError(f"unet_forward: {type(unet).__name__} is neither a diffusers U-Net nor a wrapper of one "
+                        f"(.module)")
+    return config.class_embed_type == "projection"
+
+
+def unet_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """The one call signature everything uses: x (N, C, h, w), t (N,), cond {"text": (N, L, D),
-    "pooled": (N, P)} -> prediction (N, C, h, w)."""
-    kwargs = {}
-    if getattr(unet, "config", None) is not None and unet.config.class_embed_type == "projection":
-        kwargs["class_labels"] = cond["pooled"]
+    "pooled": (N, P)} -> prediction (N, C, h, w). `unet` is a U-Net or a wrapper of one."""
+    kwargs = {"class_labels": cond["pooled"]} if takes_pooled(unet) else {}
     return unet(x, t, encoder_hidden_states=cond["text"], return_dict=False, **kwargs)[0]
 
 
