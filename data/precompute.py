@@ -50,7 +50,7 @@ from latentforge import outputs
 from latentforge.config import Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data import raw, shards, sources
-from latentforge.data.encoders import Encoders, build_encoders
+from latentforge.data.encoders import Encoders, build_encoders, with_recorded_dtypes
 from latentforge.fileio import write_json
 from latentforge.hashing import sha256_file
 from latentforge.log import get_logger
@@ -372,6 +372,12 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
         _names([u for j, u in items if j == i])  # unique names, checked before any work
     mine = shards.split_for_task(items, task_index, num_tasks)
     device = dist.device()
+    # "auto" dtypes: resolved on this device when this run starts the dataset, else the ones
+    # it recorded (a re-run or another array task encodes as the first one did). Every
+    # source is encoded alike: the first source that has started records them.
+    started = [s.latent_dir / lat.IDENTITY for s in srcs if (s.latent_dir / lat.IDENTITY).is_file()]
+    recorded = json.loads(started[0].read_text()) if started else None
+    cfg = with_recorded_dtypes(cfg, recorded)
     enc = encoders if encoders is not None else build_encoders(cfg, device)
     what = f"task {task_index}/{num_tasks}"
     results = []

@@ -89,25 +89,31 @@ class Dataset:
     heldout_parts: list[dict[str, Any]]  # the last data.heldout_shards parts of every source
     buckets: list[dict[str, Any]]  # {"size": [H, W], "latent": [C, h, w], "count"} over all sources; [] = square
     dataset: str = ""  # identity of the training parts (`training_set_id`), recorded in the loader position
+    identity: dict[str, Any] | None = None  # what made the latents (the first manifest's, dtypes as recorded)
 
     def loader_sources(self) -> list[dict[str, Any]]:
         return [{"name": s.name, "weight": s.weight} for s in self.sources]
 
 
-def open_dataset(cfg: Config, identity: dict[str, Any]) -> Dataset:
-    """Every source's manifest, refused when its identity differs from `identity` (the
-    encoders' for this config); parts split into training and held-out ones per source."""
+def open_dataset(cfg: Config, encoders: Any) -> Dataset:
+    """Every source's manifest, refused when its identity differs from what `encoders` (this
+    config's) make, an "auto" dtype taking the recorded one (encoders.expected_identity);
+    parts split into training and held-out ones per source."""
     from latentforge.data import latents as lat
+    from latentforge.data.encoders import expected_identity
 
     srcs = sources_of(cfg)
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
     ids: list[str] = []
+    identity: dict[str, Any] = {}
     shapes: dict[str, list[int]] = {}
     buckets: dict[tuple[int, int], dict[str, Any]] = {}
     for i, src in enumerate(srcs):
         manifest = lat.load_manifest(src.latent_dir)
-        lat.check_identity(manifest, identity, str(src.latent_dir / lat.MANIFEST))
+        lat.check_identity(manifest, expected_identity(encoders, cfg, manifest["identity"]),
+                           str(src.latent_dir / lat.MANIFEST))
+        identity = identity or manifest["identity"]
         tr, ho = lat.split_parts(manifest, cfg.data.heldout_shards)
         ids.append(lat.dataset_id(src.latent_dir, manifest, tr))
         where = (lambda p: p) if len(srcs) == 1 else (lambda p, d=src.latent_dir: dict(p, file=str(d / p["file"])))
@@ -117,7 +123,7 @@ def open_dataset(cfg: Config, identity: dict[str, Any]) -> Dataset:
         for b in manifest.get("buckets", []):
             buckets.setdefault(tuple(b["size"]), dict(b, count=0))["count"] += b["count"]
     return Dataset(srcs, srcs[0].latent_dir, shapes, train, heldout,
-                   [buckets[k] for k in sorted(buckets, key=lambda b: (b[1] / b[0], b))], _combined_id(srcs, ids))
+                   [buckets[k] for k in sorted(buckets, key=lambda b: (b[1] / b[0], b))], _combined_id(srcs, ids), identity)
 
 
 def _combined_id(srcs: list[Source], ids: list[str]) -> str:

@@ -35,7 +35,13 @@ seed, weights hashes, reference key and cache hit) is written next to every eval
 parts also go to params `eval_protocol/*`.
 
 Sampling uses a plain fp32 copy of the U-Net loaded with the EMA (or gathered raw)
-weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage.
+weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage. The
+copy lives only for the duration of one periodic eval (an SD-2 U-Net is 3.5 GB in fp32:
+kept between evals it would undo what ZeRO-3 saves). On a GPU the forward passes (sampling
+and the held-out loss) run under torch.autocast in the training precision
+(latentforge.dist.autocast); on a CPU in fp32, as before. The held-out loss runs in
+batches of eval.heldout_batch_size.
+
 
 A stop signal (SIGUSR2, SIGTERM, SIGINT: training/control.py) interrupts an evaluation at
 the next batch boundary: before the held-out loss, before each batch of the FID reference
@@ -129,7 +135,6 @@ class Evaluator:
         emb = encoders.text.encode(self.prompts)
         self.prompt_tokens, self.prompt_pooled = emb.tokens.float().cpu(), emb.pooled.float().cpu()
         self.heldout = self._load_heldout(self.heldout_parts)  # None, or groups of one latent shape
-        self._model: torch.nn.Module | None = None
         # Built on first use: Inception is ~100 MB and slow to build; the FID set and the
         # reference statistics are read or computed once per process.
         self._fid_set: FidSet | None = None
@@ -281,23 +286,32 @@ class Evaluator:
         return self._clip
 
     def _eval_model(self, engine: Any, ema: Any) -> torch.nn.Module:
-        """A plain U-Net on this rank's device with the weights to evaluate."""
+        """A plain fp32 U-Net on this rank's device with the weights to evaluate (built
+        for one eval; the caller drops it)."""
         lora = bool(self.cfg.model.lora_rank)
-        if self._model is None:
-            C, h, _ = self.shapes["latent"]
-            self._model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
-            if lora:  # the same modules as the engine's: base layers and adapters
-                add_lora(self._model, self.cfg.model)
-            self._model.to(dist.device()).eval().requires_grad_(False)
+        C, h, _ = self.shapes["latent"]
+        model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
+        if lora:  # the same modules as the engine's: base layers and adapters
+            add_lora(model, self.cfg.model)
+        model.to(dist.device()).eval().requires_grad_(False)
         if ema is not None and self.cfg.eval.use_ema and not lora:
-            ema.copy_to(self._model)
+            ema.copy_to(model)
         else:  # LoRA: the frozen base from the engine, then its adapters' EMA over it
             with engine.full_parameters() as m, torch.no_grad():
-                for (name, p), (name2, q) in zip(self._model.named_parameters(), m.named_parameters()):
+                for (name, p), (name2, q) in zip(model.named_parameters(), m.named_parameters()):
                     p.copy_(q.detach().float())
             if ema is not None and self.cfg.eval.use_ema:
-                ema.copy_to(self._model)
-        return self._model
+                ema.copy_to(model)
+        return model
+
+    def _forward(self, model: torch.nn.Module) -> Any:
+        """model_fn(x, t, cond) of `model`, under autocast in the training precision on a GPU."""
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+            with dist.autocast(self.cfg.train.precision):
+                return unet_forward(model, x, t, cond).float()
+
+        return model_fn
 
     # ------------------------------------------------------------------------------
     # Entry points.
@@ -307,8 +321,13 @@ class Evaluator:
         """Periodic eval from the training loop: the weights to evaluate, then `evaluate`."""
         t0 = time.monotonic()
         model = self._eval_model(engine, ema)
-        metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
-                                else "raw")
+        try:
+            metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
+                                    else "raw")
+        finally:
+            del model  # the fp32 copy goes now, not at the next eval
+            if dist.device().type == "cuda":
+                torch.cuda.empty_cache()  # and its memory back to the allocator's pool for training
         metrics["eval/time_s"] = time.monotonic() - t0
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
@@ -322,9 +341,7 @@ class Evaluator:
         them as artifacts; returns the metrics (the caller logs them)."""
         cfg_scale = self.cfg.eval.cfg_scale if cfg_scale is None else float(cfg_scale)
         model.eval()
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet_forward(model, x, t, cond)
+        model_fn = self._forward(model)
 
         metrics: dict[str, float] = {}
         protocol: dict[str, Any] = {
@@ -375,10 +392,7 @@ class Evaluator:
 
         if self.heldout is None:
             return {}
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet_forward(model, x, t, cond)
-
+        model_fn = self._forward(model)
         device = dist.device()
         n = sum(grp["x0"].shape[0] for grp in self.heldout)
         g = torch.Generator().manual_seed(self.cfg.eval.seed + dist.rank())
@@ -386,7 +400,7 @@ class Evaluator:
         for grp in self.heldout:  # one latent shape each; the loss weighted by sample count
             cond = {k: grp[k].to(device) for k in ("text", "pooled", "time_ids")}
             part = heldout_loss(model_fn, grp["x0"].to(device), cond, self.cfg.diffusion, self.schedule,
-                                self.cfg.eval.heldout_buckets, g)
+                                self.cfg.eval.heldout_buckets, g, batch_size=self.cfg.eval.heldout_batch_size)
             for k, v in part.items():
                 local[k] = local.get(k, 0.0) + v * grp["x0"].shape[0] / n
         keys = sorted(local) if local else None

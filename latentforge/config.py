@@ -76,7 +76,7 @@ class CodecConfig:
     patch: int = 2  # pixel: unshuffle factor; latent grid is resolution / patch
     scale: float = 0.0  # multiply latents by this after subtracting shift; 0 = the codec's own default
     shift: float = 0.0  # subtracted from latents before scaling (SD-1/2 VAE: 0)
-    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: fp32, bf16, fp16 or auto (bf16 on a GPU with native bf16, else fp32; resolved once per dataset by precompute)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TextConfig:
     model: str = "tiny"  # open_clip architecture name ("ViT-H-14", ...) or "tiny" (random, for CPU)
     pretrained: str = ""  # local open_clip checkpoint file, or "local-dir:DIR"; "" = random init
     layer: str = "penultimate"  # token sequence from the "penultimate" (SD-2) or "last" layer
-    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: fp32, bf16, fp16 or auto (bf16 on a GPU with native bf16, else fp32; resolved once per dataset by precompute)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps to train
     seed: int = 0  # every random stream is a pure function of (seed, rank, step)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "auto"  # fp32, bf16, fp16; auto = bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # fp32, bf16, fp16; auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU
     activation_checkpointing: bool = False  # recompute U-Net activations in backward
     offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload)
     compile: bool = False  # torch.compile the U-Net
@@ -172,6 +172,7 @@ class EvalConfig:
     seed: int = 1234  # seeds of the fixed sample noise
     heldout_buckets: int = 4  # timestep buckets for the held-out denoising loss
     heldout_samples: int = 256  # held-out latents used per eval
+    heldout_batch_size: int = 64  # held-out latents per U-Net forward pass in the held-out loss
     use_ema: bool = True  # evaluate the EMA weights (if any)
     inception_path: str = ""  # torch-fidelity FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "" = random init, logged as eval/fid_randinit
     fid_num_images: int = 0  # generated and reference images for FID; 0 = no FID
@@ -620,6 +621,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lora_rank/lora_alpha: must be >= 0, got {m.lora_rank}, {m.lora_alpha}")
     if m.lora_rank and not m.init_from:
         raise ConfigError("model.lora_rank: LoRA adapts pretrained weights; set model.init_from to the model to adapt")
+    if cfg.eval.heldout_batch_size < 1:
+        raise ConfigError(f"eval.heldout_batch_size: must be >= 1, got {cfg.eval.heldout_batch_size}")
     if cfg.eval.sampler not in ("ddim", "dpm++", "euler"):
         raise ConfigError(f"eval.sampler: expected ddim, dpm++ or euler, got {cfg.eval.sampler!r}")
     if cfg.nproc < 1:

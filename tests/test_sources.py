@@ -73,7 +73,7 @@ def test_a_job_array_over_two_sources_equals_one_task(two_sources: Path) -> None
     # Training and eval see both sources, their buckets, and the held-out parts of each.
     from latentforge.data.encoders import build_encoders
 
-    ds = open_dataset(three, build_encoders(three).identity(three))
+    ds = open_dataset(three, build_encoders(three))
     assert {p["source"] for p in ds.train_parts} == {0, 1} and all(Path(p["file"]).is_absolute()
                                                                   for p in ds.train_parts)
     assert len(ds.heldout_parts) == 2 and ds.loader_sources() == [{"name": "web", "weight": 3.0},

@@ -95,6 +95,7 @@ class LatentData:
     """The latent dataset as the loop sees it: checked against the encoders, split."""
 
     directory: Path
+    identity: dict[str, Any]  # what made the latents (the manifest's), with the dtypes precompute resolved
     shapes: dict[str, list[int]]  # {"latent": [C, h, w] (the nominal bucket's), "text": [L, D], "pooled": [P]}
     train_parts: list[dict]
     heldout_parts: list[dict]
@@ -105,11 +106,12 @@ class LatentData:
 
 
 def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
-    """Every source's manifest, refused when its identity differs from the encoders' (one line)."""
-    ds = open_dataset(cfg, encoders.identity(cfg))
+    """Every source's manifest, refused when its identity differs from the encoders' (one
+    line). An "auto" encoder dtype accepts the one precompute recorded, on whatever device it ran."""
+    ds = open_dataset(cfg, encoders)
     null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(ds.directory))
-    return LatentData(ds.directory, ds.shapes, ds.train_parts, ds.heldout_parts, (null_tokens, null_pooled),
-                      ds.dataset, ds.loader_sources(), ds.buckets)
+    return LatentData(ds.directory, ds.identity, ds.shapes, ds.train_parts, ds.heldout_parts,
+                      (null_tokens, null_pooled), ds.dataset, ds.loader_sources(), ds.buckets)
 
 
 def preflight(cfg: Config) -> None:
@@ -462,7 +464,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     micro_batch, accum = config_mod.batch_split(cfg, world)
     # Resume is the default whenever the run directory holds a checkpoint. A different
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
-    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints)
+    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints,
+                                       timeout_s=cfg.train.collective_timeout_s)
     clock.mark("process group")
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
@@ -488,7 +491,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
     # What export and stand-alone eval need without the latent directory.
-    state.shapes, state.identity, state.buckets = shapes, encoders.identity(cfg), latents.buckets
+    state.shapes, state.identity, state.buckets = shapes, latents.identity, latents.buckets
     state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
     state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
     state.config_hash = config_mod.config_hash(cfg)
@@ -516,11 +519,16 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
     watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
+    compiling = cfg.train.compile  # the first step compiles the U-Net (minutes for a large one): no hang
     try:
         while state.step < cfg.train.max_steps:
-            watchdog.beat()
+            if compiling:
+                watchdog.pause()
+            else:
+                watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, state.step))
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum, part_source)
+            compiling = False
             meter.add(out, state.step)
             if state.step + 1 == first_step:
                 clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest

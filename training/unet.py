@@ -75,16 +75,31 @@ def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: d
     return unet
 
 
-def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
+def _diffusers_config(unet: Any) -> Any:
+    """The diffusers model's config, under any wrappers that hold it as `.module` (our
+    Engine, DeepSpeed's engine, DDP): a wrapper has no `.config`."""
+    m = unet
+    while getattr(m, "config", None) is None and getattr(m, "module", None) is not None:
+        m = m.module
+    config = getattr(m, "config", None)
+    if config is None:
+        raise TypeError(f"unet_forward: {type(unet).__name__} is neither a diffusers U-Net nor a wrapper of one "
+                        f"(.module)")
+    return config
+
+
+def takes_pooled(unet: Any) -> bool:
+    """Whether `unet` adds the pooled text embedding to its time embedding (a "projection"
+    class embedding). Decided by the diffusers model itself, under any wrappers."""
+    return _diffusers_config(unet).class_embed_type == "projection"
+
+
+def unet_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """The one call signature everything uses: x (N, C, h, w), t (N,), cond {"text": (N, L, D),
-    "pooled": (N, P), "time_ids": (N, 6) with micro-conditioning} -> prediction (N, C, h, w)."""
-    kwargs: dict[str, Any] = {}
-    # A plain diffusers model has .config; the training engine wraps it as .module.
-    config = getattr(unet, "config", None) or getattr(getattr(unet, "module", None), "config", None)
-    if config is not None and config.class_embed_type == "projection":
-        kwargs["class_labels"] = cond["pooled"]
-    if config is not None and config.addition_embed_type == "text_time":
+    "pooled": (N, P), "time_ids": (N, 6) with micro-conditioning} -> prediction (N, C, h, w).
+    `unet` is a U-Net or a wrapper of one."""
+    kwargs: dict[str, Any] = {"class_labels": cond["pooled"]} if takes_pooled(unet) else {}
+    if _diffusers_config(unet).addition_embed_type == "text_time":
         if "time_ids" not in cond:
             raise ValueError("cond: a micro-conditioned U-Net needs time_ids (N, 6): original size, crop, target size")
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
