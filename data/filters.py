@@ -14,7 +14,7 @@ looked up under a few names (LAION's parquet columns first):
 
 A sample a filter rejects is counted under `filtered_<field>`; a sample without the field
 (absent, null, NaN, or not a number) under `missing_<field>`, so seen = written + rejected
-still holds (DESIGN.md guarantee 1). A filter that is off reads nothing.
+still holds (docs/guarantees.md, guarantee 1). A filter that is off reads nothing.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 aspect-ratio buckets and weighted sources.
 
 What an epoch holds is a pure function of (seed, epoch, dataset, source weights)
-(DESIGN.md, "Hints on the hard parts"; data/sources.py for the weights):
+(data/sources.py for the weights):
 
     source passes    source s is read in passes; pass p is a seeded permutation of its parts
                      (part order) and, inside each part, of its samples (sample order)
