@@ -161,6 +161,42 @@ def test_micro_conditioning_feeds_size_and_crop_through_text_time():
         sample_geometry(4, 4, (25, 40), key="--size")
 
 
+def test_a_wrapped_micro_conditioned_unet_gets_time_ids_and_export_refuses_the_pipeline():
+    """Under a wrapper that holds the U-Net as `.module` (the training engine) the size/crop
+    numbers still reach it; a micro-conditioned VAE run is exported as U-Nets, with the
+    reason in one line (StableDiffusionPipeline passes no time_ids)."""
+    import dataclasses
+
+    from latentforge.training.export import pipeline_reason
+    from latentforge.training.state import TrainState
+    from latentforge.training.unet import build_unet, unet_forward
+
+    mc = ModelConfig(block_out_channels=(32, 64), micro_conditioning=True, micro_conditioning_dim=8)
+    torch.manual_seed(0)
+    unet = build_unet(mc, 4, 8, 16, 12).eval()
+    x, t = torch.randn(2, 4, 6, 10), torch.tensor([10, 500])
+    cond = {"text": torch.randn(2, 5, 16), "pooled": torch.randn(2, 12),
+            "time_ids": torch.tensor([[24.0, 40.0, 0.0, 0.0, 24.0, 40.0]] * 2)}
+
+    class Wrapper(torch.nn.Module):  # no .config, the model as .module: like the engine
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = m
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    with torch.no_grad():
+        assert torch.equal(unet_forward(Wrapper(unet), x, t, cond), unet_forward(unet, x, t, cond))
+    with pytest.raises(ValueError, match="time_ids"):
+        unet_forward(Wrapper(unet), x, t, {k: v for k, v in cond.items() if k != "time_ids"})
+    cfg = resolve("tiny", None, ["codec.kind=vae", "model.micro_conditioning=true"])
+    reason = pipeline_reason(cfg, TrainState())
+    assert reason is not None and "model.micro_conditioning" in reason and "\n" not in reason
+    off = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, micro_conditioning=False))
+    assert pipeline_reason(off, TrainState()) is None
+
+
 def test_config_errors_name_the_key():
     from latentforge.config import ConfigError
 

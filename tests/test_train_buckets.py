@@ -69,6 +69,11 @@ def test_checkpoint_export_and_sampling_at_a_bucket_size(run, tmp_path):
     assert sum(state.samples_by_source.values()) == state.samples_seen > 0
     assert set(state.samples_by_source) == {"web", "curated"}
     assert state.loader["version"] == 2 and len(state.loader["starts"]) == 2
+    # The position records the training set: one id over both sources' latents.
+    from latentforge.config import load_resolved
+    from latentforge.data.sources import training_set_id
+
+    assert state.loader["dataset"] and state.loader["dataset"] == training_set_id(load_resolved(run_dir / "config.yaml"))
     assert {tuple(b["size"]) for b in state.buckets} <= {(40, 24), (32, 32), (24, 40)}
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     meta = json.loads((tmp_path / "export" / "latentforge.json").read_text())
