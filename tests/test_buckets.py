@@ -197,6 +197,22 @@ def test_a_wrapped_micro_conditioned_unet_gets_time_ids_and_export_refuses_the_p
     assert pipeline_reason(off, TrainState()) is None
 
 
+def test_init_from_adopts_micro_conditioning_from_a_unet_config():
+    """model.init_from's architecture adoption reads SD-XL's text_time from a U-Net's
+    config.json (and refuses another added embedding in one line)."""
+    from latentforge.config import ConfigError
+    from latentforge.sources import unet_config_to_model
+    from latentforge.training.unet import unet_kwargs
+
+    mc = ModelConfig(block_out_channels=(32, 64), micro_conditioning=True, micro_conditioning_dim=8)
+    arch = unet_config_to_model(unet_kwargs(mc, 4, 8, 16, 12), "unet/config.json")
+    assert arch["micro_conditioning"] is True and arch["micro_conditioning_dim"] == 8
+    plain = unet_config_to_model(unet_kwargs(ModelConfig(block_out_channels=(32, 64)), 4, 8, 16, 12), "u")
+    assert plain["micro_conditioning"] is False and "micro_conditioning_dim" not in plain
+    with pytest.raises(ConfigError, match="addition_embed_type 'text'"):
+        unet_config_to_model({**unet_kwargs(mc, 4, 8, 16, 12), "addition_embed_type": "text"}, "u")
+
+
 def test_config_errors_name_the_key():
     from latentforge.config import ConfigError
 
