@@ -439,6 +439,54 @@ def save_checkpoint(engine: eng.Engine, run_dir: Path, state: TrainState, data: 
     tracker.sync()
 
 
+def check_nonfinite(cfg: Config, tally: Tally) -> None:
+    """Say which steps were dropped for a non-finite loss or gradient since the last sync
+    point; NonFiniteLossError once train.max_nonfinite_steps were dropped in a row."""
+    if tally.skipped:
+        log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped ({tally.run} in a row)"
+                 + (f"; {tally.skipped} skipped since the last report" if tally.skipped > 1 else ""))
+    if tally.abort_step >= 0:
+        n = cfg.train.max_nonfinite_steps
+        raise NonFiniteLossError(f"{n} consecutive non-finite losses at step {tally.abort_step} "
+                                 f"(train.max_nonfinite_steps={n}); lower optim.lr or check the data")
+
+
+def log_window(cfg: Config, step: int, tally: Tally, seen: dict[str, float], engine: eng.Engine,
+               data: LatentLoader, nonfinite_total: int, tracker: Tracker, progress: Progress) -> dict[str, float]:
+    """At a log step: the window's train/* metrics to MLflow and one progress line."""
+    metrics = {**tally.metrics, **seen, "train/lr": eng.lr_at(cfg, step - 1), "train/grad_norm": engine.grad_norm(),
+               "train/epoch": float(data.epoch), "train/padding_frac": data.padding_fraction,
+               "train/nonfinite_steps": float(nonfinite_total)}
+    if engine.dtype == torch.float16:
+        metrics["train/overflow_steps"] = float(tally.overflows)
+    tracker.log_metrics(metrics, step=step)
+    log.info(f"step {step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+             f"{metrics['train/samples_per_s']:.1f} samples/s data-wait {100 * metrics['train/data_wait_frac']:.1f}% "
+             f"{progress.describe(step)}")
+    return metrics
+
+
+def record_run(state: TrainState, cfg: Config, latents: LatentData, encoders: Encoders, init: Any) -> None:
+    """What export and stand-alone eval need without the latent directory, into the state
+    every checkpoint carries."""
+    state.shapes, state.identity, state.buckets = latents.shapes, latents.identity, latents.buckets
+    state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
+    state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
+    state.config_hash = config_mod.config_hash(cfg)
+    if init is not None:
+        state.init_from = init.record()
+
+
+def evaluate(evaluator: Any, engine: eng.Engine, ema: EMA | None, step: int, tracker: Tracker) -> bool:
+    """Run `evaluator` on the weights at `step` and log its metrics. False when a stop
+    signal interrupted it (at a batch boundary, on every rank at once)."""
+    try:
+        tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
+        return True
+    except EvalInterrupted:
+        return False
+
+
 def stop_message(step: int, during: str = "") -> str:
     if STOP.signum == signal.SIGINT:
         return f"interrupted (Ctrl-C){during}: checkpointed at step {step}, exiting"
@@ -490,13 +538,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state = restore(engine, ema, run_dir, resume, world, cfg)
     clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
-    # What export and stand-alone eval need without the latent directory.
-    state.shapes, state.identity, state.buckets = shapes, latents.identity, latents.buckets
-    state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
-    state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
-    state.config_hash = config_mod.config_hash(cfg)
-    if init is not None:
-        state.init_from = init.record()
+    record_run(state, cfg, latents, encoders, init)
     # MLflow tags: a resume's fallback, or the step-0 source (path, weights hash, its MLflow
     # run, also as the parent run).
     note = {**(resume.fallback_tags() if resume else {}), **(init.tags() if init else {})}
@@ -530,10 +572,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum, part_source)
             compiling = False
             meter.add(out, state.step)
-            if state.step + 1 == first_step:
-                clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest
-                clock.phases["first step"] -= out.wait_s
-                clock.phases["loader workers"] = out.wait_s
+            if state.step + 1 == first_step:  # split into the loader's first batch (its workers' start) and the rest
+                clock.mark("first step", split=("loader workers", out.wait_s))
 
             # Update EMA (a dropped step gives it weight 0, decided on the device).
             if ema is not None:
@@ -548,32 +588,12 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                 seen = count_samples(state, tally, names)
                 state.nonfinite_total += tally.skipped
                 agreed = tally.flags
-
-                # Count non-finite steps; abort after too many in a row.
-                if tally.skipped:
-                    log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped "
-                             f"({tally.run} in a row)" + (f"; {tally.skipped} skipped since the last report"
-                                                          if tally.skipped > 1 else ""))
                 if state.step == first_step:
                     log.info(f"start-up: {clock.describe()}")
-                if tally.abort_step >= 0:
-                    raise NonFiniteLossError(
-                        f"{cfg.train.max_nonfinite_steps} consecutive non-finite losses at step {tally.abort_step} "
-                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
-
-                # Log.
+                check_nonfinite(cfg, tally)  # counts dropped steps; aborts after too many in a row
                 if log_now:
-                    metrics = tally.metrics
-                    metrics.update(seen)
-                    metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
-                                    "train/epoch": float(data.epoch), "train/padding_frac": data.padding_fraction,
-                                    "train/nonfinite_steps": float(state.nonfinite_total)})
-                    if engine.dtype == torch.float16:
-                        metrics["train/overflow_steps"] = float(tally.overflows)
-                    tracker.log_metrics(metrics, step=state.step)
-                    log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
-                             f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
-                             f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
+                    metrics = log_window(cfg, state.step, tally, seen, engine, data, state.nonfinite_total, tracker,
+                                         progress)
 
             # Checkpoint.
             decision = checkpoint_due(cfg, state.step, agreed)
@@ -596,9 +616,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             if (evaluator is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
                     and state.step < cfg.train.max_steps):
                 watchdog.pause()
-                try:
-                    tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
-                except EvalInterrupted:
+                if not evaluate(evaluator, engine, ema, state.step, tracker):
                     watchdog.beat()
                     if saved_step != state.step:
                         save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
@@ -607,12 +625,10 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                     break
 
         watchdog.stop()
-        if not preempted and evaluator is not None:
-            try:  # the last checkpoint is this step's: an interrupted final eval runs again after a requeue
-                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
-            except EvalInterrupted:
-                preempted = True
-                log.info(stop_message(state.step, " during the final eval"))
+        # The last checkpoint is this step's: an interrupted final eval runs again after a requeue.
+        if not preempted and evaluator is not None and not evaluate(evaluator, engine, ema, state.step, tracker):
+            preempted = True
+            log.info(stop_message(state.step, " during the final eval"))
         status = "KILLED" if preempted else "FINISHED"
     except Exception as e:
         lost = peers.explain(e) if peers is not None else None  # a failed collective: name the silent rank
