@@ -4,11 +4,16 @@
 # and for maintainers:
 #   make lint   ruff (pyflakes and import order, as configured in pyproject.toml)
 #   make lock   rewrite requirements/lock.txt from .venv (after an upgrade and a green `make test`)
+# On a machine with a CUDA GPU:
+#   make gpu-check   the tiny pipeline end to end on the GPU (docs/gpu.md); GPU_CHECK_ARGS=--dry-run without one
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS="--run-root runs/buckets synth.max_aspect=2 data.bucket_max_ratio=2 model.micro_conditioning=true"
+DEMO_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: venv fid-weights demo test test-fast lint lock slurm-up slurm-down bench clean
+.PHONY: venv fid-weights demo test test-fast lint lock gpu-check slurm-up slurm-down bench clean
 FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
@@ -20,7 +25,7 @@ fid-weights: venv
 	@$(PY) -m latentforge.eval.fid_weights $(FID_WEIGHTS)
 
 demo: venv fid-weights
-	$(PY) -m latentforge.launch.cli demo
+	$(PY) -m latentforge.launch.cli demo $(DEMO_ARGS)
 
 # The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
 # did not start, is shown.
@@ -36,6 +41,9 @@ lint: venv
 
 lock: venv
 	VENV=$(VENV) bash scripts/lock.sh
+
+gpu-check: venv fid-weights
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 slurm-up:
 	bash slurm/local/cluster.sh up

@@ -103,6 +103,15 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: torch.device | str =
                 best=max(rates), runs=rates)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers), user + system.
+    On a shared machine CPU time per item is steadier than wall time."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of `fn`, as torch.utils.flop_counter counts them."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -22,6 +22,12 @@ Figures:
   FLOPs         counted with torch.utils.flop_counter (convolutions, matmuls, attention)
                 for one batch, per image; achieved FLOP/s = FLOPs/image x images/s, divided
                 by the fp32 (CPU) or bf16 (CUDA) matmul peak measured in this process.
+
+With --web it measures instead the web-scale data path against today's (issue 14): the
+pipeline on square images (centre crop) and on images of aspect ratios up to 2:1 with
+aspect-ratio buckets on, every metadata filter on (set so that none rejects: both runs
+encode the same number of images) and the filter fields in a parquet beside each shard.
+The two runs take turns (--repeats), best of each; the ratio is the figure (goal >= 95%).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import Report, count_flops, matmul_peak, sync, time_calls  # noqa: E402
+from benchmarks._common import Report, count_flops, cpu_seconds, matmul_peak, sync, time_calls  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", default="ViT-H-14", help="open_clip architecture of the text tower")
     ap.add_argument("--repeats", type=int, default=1, help="turns of encode-only batch + naive loop")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--web", action="store_true", help="buckets + filters against square data (see above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -92,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t0
     print(f"[bench_precompute] encoders built in {t_build:.1f} s (codec {enc.codec.identity()['dtype']}, "
           f"text {enc.text.identity()['dtype']})", flush=True)
+
+    if args.web:
+        web_vs_square(args, enc, tmp, rep)
+        rep.print(args.json)
+        if not args.dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
 
     # FLOPs per image and caption, counted on one batch (it runs for real, and so also warms
     # up the kernels for the batch shape; one single image warms up the naive loop's shape).
@@ -167,6 +181,60 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def web_vs_square(args: argparse.Namespace, enc: object, tmp: Path, rep: Report) -> None:
+    """Precompute.run on square images vs bucketed, filtered ones, taking turns."""
+    import json
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from latentforge.config import resolve
+    from latentforge.data import precompute, synth
+
+    per = max(args.batch, args.images // 2)
+    synth.write_shards(tmp / "web", args.images, per, args.size, seed=0, max_aspect=2.0, metadata=True)
+    for shard in sorted((tmp / "web").glob("*.tar")):  # img2dataset's parquet beside each tar
+        with tarfile.open(shard) as tar:
+            rows = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]  # type: ignore
+        pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("key", "original_width", "original_height",
+                                                                "aesthetic", "pwatermark", "punsafe")}
+                                             for r in rows]), shard.with_suffix(".parquet"))
+    web_ov = [f"data.raw_shards={tmp / 'web'}/*.tar", "data.bucket_max_ratio=2", "data.bucket_multiple=64",
+              f"data.bucket_area={args.size ** 2}", "data.filter_min_original_side=8",
+              "data.filter_max_original_side=100000", "data.filter_min_aesthetic=1", "data.filter_max_watermark=0.9995",
+              "data.filter_max_unsafe=0.9995", "data.filter_min_caption_words=3"]
+    times: dict[str, list[float]] = {"square": [], "web": []}
+    cpu: dict[str, list[float]] = {"square": [], "web": []}
+    pixels: dict[str, int] = {}
+    for r in range(args.repeats):
+        for kind in ("square", "web"):
+            ov = [f"data.raw_shards={tmp / 'raw'}/*.tar"] if kind == "square" else web_ov
+            c = resolve("tiny", None, [f"run_root={tmp}", f"data.latent_dir={tmp / f'lat-{kind}-{r}'}",
+                                       f"data.resolution={args.size}", f"data.precompute_batch_size={args.batch}",
+                                       f"data.precompute_workers={args.workers}", "data.latent_samples_per_shard=1024",
+                                       "codec.kind=vae", f"codec.path={tmp / 'sd-vae'}", f"text.model={args.text}",
+                                       "text.pretrained=", *ov])
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            out = precompute.run(c, encoders=enc)  # type: ignore[arg-type]
+            times[kind].append(time.perf_counter() - t0)
+            cpu[kind].append(cpu_seconds() - c0)
+            assert out["written"] == args.images, (kind, out)
+            m = json.loads((c.resolved_latent_dir / "manifest.json").read_text())
+            pixels[kind] = sum(b["count"] * b["size"][0] * b["size"][1] for b in m["buckets"]) if "buckets" in m \
+                else args.images * args.size ** 2
+    square, web = args.images / min(times["square"]), args.images / min(times["web"])
+    rep.add("pipeline, square images (centre crop)", square, "images/s")
+    rep.add("pipeline, aspect ratios to 2:1, buckets + every filter + parquet", web, "images/s")
+    rep.add(f"buckets + filters / square (best of {args.repeats} each, taking turns)", web / square, "",
+            fmt="{:.1%}")
+    rep.add("  the same in CPU time (all processes)", min(cpu["square"]) / min(cpu["web"]), "", fmt="{:.1%}")
+    # Buckets below the square hold fewer pixels (192x320 = 94% of 256x256): per pixel too.
+    rep.add("pixels encoded per image, web / square", pixels["web"] / pixels["square"], "", fmt="{:.1%}")
+    rep.add("buckets + filters / square, per pixel encoded", web * pixels["web"] / (square * pixels["square"]), "",
+            fmt="{:.1%}")
 
 
 if __name__ == "__main__":

@@ -286,14 +286,14 @@ def worker_trainer(args: argparse.Namespace, cfg: Any) -> dict:
     state = {"started": False}
 
     def optimizer_step(engine: Any, batches: Any, cfg_: Any, schedule: Any, null_text: Any, step: int,
-                       accum: int) -> Any:
+                       accum: int, part_source: Any = None) -> Any:
         if not state["started"]:  # the engine, optimizer and EMA exist now: tag what lives on the device
             tag_reachable(counter, engine.ds, engine.client_optimizer, *ema_instances)
             counter.__enter__()
             state["started"] = True
         counter.active = step >= 2
         marks.append((step, counter.snapshot()))
-        return step_fn(engine, batches, cfg_, schedule, null_text, step, accum)
+        return step_fn(engine, batches, cfg_, schedule, null_text, step, accum, part_source)
 
     ema_instances: list[Any] = []
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from latentforge import dist
 from latentforge.config import CodecConfig
 from latentforge.hashing import sha256_files
 from latentforge.sources import diffusers_weight_files
@@ -46,10 +47,11 @@ def parse_dtype(name: str, key: str) -> torch.dtype:
 
 
 def resolve_dtype_name(name: str, device: torch.device | str, key: str) -> str:
-    """"auto" -> "bf16" on CUDA, "fp32" elsewhere (bf16 matmuls are slower than fp32 on
-    CPUs); any other name is checked and returned. The resolved name is what identities record."""
+    """"auto" -> this device's encoder dtype (latentforge.dist.compute_dtype: bf16 on a GPU
+    with native bf16, else fp32); any other name is checked and returned. The resolved name
+    is what identities record."""
     if name == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return dist.compute_dtype(name, device)
     parse_dtype(name, key)
     return name
 

@@ -17,7 +17,17 @@ One tar sample per raw sample kept (WebDataset naming, `KEY.field.ext`):
     KEY.std.npy        posterior std, fp16 (C, h, w); absent for a deterministic codec
     KEY.text.npy       text encoder token sequence, fp16 (L, D)
     KEY.pooled.npy     pooled text embedding, fp16 (P,)
-    KEY.json           {"text_len": int, "orig_width", "orig_height", "crop_top", "crop_left", ...}
+    KEY.json           {"text_len": int, "orig_width", "orig_height", "crop_top", "crop_left", ...};
+                       bucketed datasets add "target_height", "target_width" (the bucket)
+    KEY.caption{k}.txt, KEY.text{k}.npy, KEY.pooled{k}.npy   caption k = 1, 2, ... when the image
+                       has several (data/captions.py); the json then holds "captions": n and
+                       "text_lens": [len of caption 0, 1, ...]
+
+A bucketed dataset (data.bucket_max_ratio > 1) writes each raw shard's samples into parts
+of one bucket each; the manifest's part entries carry the bucket ("size": [H, W] pixels)
+and its latent shape ("latent": [C, h, w]), and "buckets" lists every bucket's shape and
+count. "shapes" keeps the text and pooled shapes and the latent shape of the nominal bucket
+(the one nearest to square, data/buckets.py).
 
 Latents are stored raw (the posterior, before scale and shift); the loader samples
 `mean + std * eps` and applies `(z - shift) * scale` just in time, so the model has no
@@ -35,6 +45,7 @@ Reading a part (`PartIndex`) takes one `readinto` of the file and a walk over it
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import json
 import math
@@ -106,8 +117,12 @@ class TarWriter:
 
 
 def encode_sample(key: str, caption: str, mean: np.ndarray, std: np.ndarray | None, text: np.ndarray,
-                  pooled: np.ndarray, meta: dict[str, Any]) -> dict[str, bytes]:
-    """Fields of one latent sample. Arrays are stored as fp16 .npy."""
+                  pooled: np.ndarray, meta: dict[str, Any],
+                  extra: list[tuple[str, np.ndarray, np.ndarray, int]] = ()) -> dict[str, bytes]:
+    """Fields of one latent sample. Arrays are stored as fp16 .npy. `extra`: captions 1, 2, ...
+    as (caption, text (L, D), pooled (P,), text_len)."""
+    if extra:
+        meta = dict(meta, captions=1 + len(extra), text_lens=[meta["text_len"], *(int(e[3]) for e in extra)])
     fields = {
         "caption.txt": caption.encode("utf-8"),
         "mean.npy": _npy_bytes(np.ascontiguousarray(mean, dtype=np.float16)),
@@ -117,7 +132,16 @@ def encode_sample(key: str, caption: str, mean: np.ndarray, std: np.ndarray | No
     }
     if std is not None:
         fields["std.npy"] = _npy_bytes(np.ascontiguousarray(std, dtype=np.float16))
+    for k, (cap, t, p, _) in enumerate(extra, start=1):
+        fields[f"caption{k}.txt"] = cap.encode("utf-8")
+        fields[f"text{k}.npy"] = _npy_bytes(np.ascontiguousarray(t, dtype=np.float16))
+        fields[f"pooled{k}.npy"] = _npy_bytes(np.ascontiguousarray(p, dtype=np.float16))
     return fields
+
+
+def caption_field(k: int) -> tuple[str, str, str]:
+    """The (caption, text, pooled) field names of caption k: k = 0 is the plain one."""
+    return ("caption.txt", "text", "pooled") if k == 0 else (f"caption{k}.txt", f"text{k}", f"pooled{k}")
 
 
 @dataclass
@@ -131,6 +155,7 @@ class LatentRecord:
     text: np.ndarray  # (L, D) fp16
     pooled: np.ndarray  # (P,) fp16
     meta: dict[str, Any]
+    extra: list[tuple[str, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)  # captions 1, 2, ...
 
 
 
@@ -311,8 +336,18 @@ class PartIndex:
     def meta(self, i: int) -> dict[str, Any]:
         return json.loads(self.raw(i, "json"))
 
+    def num_captions(self, i: int) -> int:
+        k = 1
+        while f"text{k}.npy" in self.fields[i]:
+            k += 1
+        return k
+
     def record(self, i: int) -> LatentRecord:
         f = self.fields[i]
+        extra = []
+        for k in range(1, self.num_captions(i)):
+            cap, text, pooled = caption_field(k)
+            extra.append((self.raw(i, cap).decode("utf-8"), self.array(i, text).copy(), self.array(i, pooled).copy()))
         return LatentRecord(
             key=self.keys[i],
             caption=self.raw(i, "caption.txt").decode("utf-8"),
@@ -321,6 +356,7 @@ class PartIndex:
             text=self.array(i, "text").copy(),
             pooled=self.array(i, "pooled").copy(),
             meta=self.meta(i),
+            extra=extra,
         )
 
 
@@ -387,13 +423,16 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
         if s["identity_hash"] != want:
             raise ValueError(f"{latent_dir / SHARDS / (s['name'] + '.json')}: written by a different codec/encoder "
                              f"configuration ({s['identity_hash']} != {want}); use a fresh data.latent_dir")
-    parts = [{"file": f"{SHARDS}/{p['file']}", "count": p["count"], "raw_shard": s["name"]}
-             for s in shards for p in s["parts"]]
+    parts = [{"file": f"{SHARDS}/{p['file']}", "count": p["count"], "raw_shard": s["name"],
+              **{k: p[k] for k in ("size", "latent") if k in p}} for s in shards for p in s["parts"]]
     rejected: dict[str, int] = {}
     for s in shards:
         for reason, n in s["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + n
     shapes = next((s["shapes"] for s in shards if s["shapes"]), {})
+    buckets = _bucket_summary(parts)
+    if buckets and identity.get("buckets"):
+        shapes = dict(shapes, latent=nominal_latent(identity, buckets))
     manifest = {
         "format_version": FORMAT_VERSION,
         "identity": identity,
@@ -406,8 +445,39 @@ def assemble_manifest(latent_dir: str | os.PathLike, identity: dict[str, Any],
         "shard_errors": {s["name"]: s["errors"] for s in shards if s["errors"]},
         "shapes": shapes,
     }
+    if buckets:
+        manifest["buckets"] = buckets
     write_json(latent_dir / MANIFEST, manifest)
     return manifest
+
+
+def _bucket_summary(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"size": [H, W], "latent": [C, h, w], "count": n}] over the parts' buckets, by width/height."""
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for p in parts:
+        if "size" in p:
+            b = out.setdefault(tuple(p["size"]), {"size": list(p["size"]), "latent": list(p["latent"]), "count": 0})
+            b["count"] += p["count"]
+    return [out[k] for k in sorted(out, key=lambda b: (b[1] / b[0], b))]
+
+
+def nominal_latent(identity: dict[str, Any], buckets: list[dict[str, Any]]) -> list[int]:
+    """The latent shape [C, h, w] of the table's nominal bucket (nearest to square), from the
+    codec's downsample factor that the written buckets show."""
+    from latentforge.data.buckets import nominal_bucket
+
+    b0 = buckets[0]
+    down = b0["size"][0] // b0["latent"][1]
+    h, w = nominal_bucket([tuple(b) for b in identity["buckets"]], identity.get("resolution", 0))
+    return [b0["latent"][0], h // down, w // down]
+
+
+def split_parts(manifest: dict[str, Any], heldout_parts: int) -> tuple[list[dict], list[dict]]:
+    """(train parts, held-out parts): the last `heldout_parts` parts in file-name order are
+    held out. With a single part nothing is held out."""
+    parts = sorted(manifest["parts"], key=lambda p: p["file"])
+    n = min(heldout_parts, len(parts) - 1) if heldout_parts > 0 else 0
+    return (parts[:len(parts) - n], parts[len(parts) - n:]) if n else (parts, [])
 
 
 def dataset_id(latent_dir: str | os.PathLike, manifest: dict[str, Any], parts: list[dict]) -> str:
@@ -463,11 +533,14 @@ def check_identity(manifest: dict[str, Any], expected: dict[str, Any], where: st
 
 
 def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shapes: dict[str, list[int]],
-                         seed: int = 0, with_std: bool = True,
-                         identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                         seed: int = 0, with_std: bool = True, identity: dict[str, Any] | None = None,
+                         part_latents: list[list[int]] | None = None, captions: int = 1) -> dict[str, Any]:
     """Parts `r{i:05d}-000.tar` holding counts[i] samples of random fp16 arrays with the
     given shapes ({"latent": [C, h, w], "text": [L, D], "pooled": [P]}), their per-shard
-    manifests, the dataset manifest and a null text. Returns the manifest."""
+    manifests, the dataset manifest and a null text. Returns the manifest.
+
+    `part_latents[i]`: part i's latent shape instead (a bucketed dataset: its parts carry
+    "latent" and "size" = 8 x (h, w)); `captions`: captions per sample (1 + extra ones)."""
     d = Path(latent_dir)
     (d / SHARDS).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -476,19 +549,30 @@ def write_random_dataset(latent_dir: str | os.PathLike, counts: list[int], shape
     L = shapes["text"][0]
     for i, n in enumerate(counts):
         name = f"r{i:05d}"
+        latent = part_latents[i] if part_latents is not None else shapes["latent"]
         parts = []
         if n:
             w = TarWriter(d / SHARDS / part_name(name, 0))
             for j in range(n):
                 key = f"{name}_{j:06d}"
-                mean = rng.standard_normal(shapes["latent"]).astype(np.float16)
-                std = (rng.random(shapes["latent"]) * 0.1 + 0.01).astype(np.float16) if with_std else None
+                mean = rng.standard_normal(latent).astype(np.float16)
+                std = (rng.random(latent) * 0.1 + 0.01).astype(np.float16) if with_std else None
                 text = rng.standard_normal(shapes["text"]).astype(np.float16)
                 pooled = rng.standard_normal(shapes["pooled"]).astype(np.float16)
-                meta = {"text_len": int(rng.integers(2, L + 1))}
-                w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta))
+                meta: dict[str, Any] = {"text_len": int(rng.integers(2, L + 1))}
+                meta.update(orig_width=int(rng.integers(8, 999)), orig_height=int(rng.integers(8, 999)),
+                            crop_top=int(rng.integers(0, 9)), crop_left=int(rng.integers(0, 9)))
+                if part_latents is not None:
+                    meta.update(target_height=8 * latent[1], target_width=8 * latent[2])
+                extra = [(f"caption {key} #{c}", rng.standard_normal(shapes["text"]).astype(np.float16),
+                          rng.standard_normal(shapes["pooled"]).astype(np.float16), int(rng.integers(2, L + 1)))
+                         for c in range(1, captions)]
+                w.write_sample(key, encode_sample(key, f"caption {key}", mean, std, text, pooled, meta, extra))
             w.close()
-            parts.append({"file": w.path.name, "count": n, "sha256": w.sha256})
+            part: dict[str, Any] = {"file": w.path.name, "count": n, "sha256": w.sha256}
+            if part_latents is not None:
+                part.update(size=[8 * latent[1], 8 * latent[2]], latent=list(latent))
+            parts.append(part)
         write_json(shard_manifest_path(d, name), {
             "name": name, "raw_shard": name, "identity_hash": ih, "parts": parts, "seen": n, "written": n,
             "rejected": {}, "rejections": [], "errors": [], "notes": [], "shapes": shapes})

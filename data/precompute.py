@@ -49,8 +49,8 @@ import torch
 from latentforge import outputs
 from latentforge.config import Config, ConfigError
 from latentforge.data import latents as lat
-from latentforge.data import raw, shards
-from latentforge.data.encoders import Encoders, build_encoders
+from latentforge.data import raw, shards, sources
+from latentforge.data.encoders import Encoders, build_encoders, with_recorded_dtypes
 from latentforge.fileio import write_json
 from latentforge.hashing import sha256_file
 from latentforge.log import get_logger
@@ -103,8 +103,8 @@ class Chunk:
     """What a decoding worker sends the main process: the next piece of one raw shard."""
 
     shard: int  # index into the task's list of shards to do
-    images: torch.Tensor  # (n, R, R, 3) uint8: the kept samples, in shard order
-    samples: list[tuple[str, str, dict[str, Any]]]  # (key, caption, meta) per image
+    images: torch.Tensor  # (n, H, W, 3) uint8: kept samples of one size (R x R, or one bucket), in shard order
+    samples: list[tuple[str, list[str], dict[str, Any]]]  # (key, captions: caption 0 first, meta) per image
     rejections: list[dict[str, str]]  # {"key", "reason", "detail"} met since the previous chunk
     report: dict[str, Any] | None = None  # on the shard's last chunk: raw.ShardReport.to_dict()
 
@@ -124,27 +124,33 @@ class _RawChunks(torch.utils.data.IterableDataset):
 
 
 def read_chunks(index: int, url: str, rcfg: raw.RawConfig, batch: int) -> Iterator[Chunk]:
-    """One raw shard as chunks of up to `batch` kept samples; the last one carries the report."""
+    """One raw shard as chunks of up to `batch` kept samples of one size (with buckets, a
+    chunk never mixes buckets); the last one carries the report."""
     report = raw.ShardReport(url=url)
-    kept: list[raw.RawSample] = []
+    kept: dict[tuple[int, int], list[raw.RawSample]] = {}  # (height, width) -> samples waiting
     rejections: list[dict[str, str]] = []
 
-    def chunk(final: bool) -> Chunk:
-        R = rcfg.resolution
-        images = (torch.from_numpy(np.stack([np.asarray(s.image, dtype=np.uint8) for s in kept]))
-                  if kept else torch.zeros(0, R, R, 3, dtype=torch.uint8))  # (n, R, R, 3)
-        return Chunk(index, images, [(s.key, s.caption, s.meta) for s in kept], list(rejections),
-                     report.to_dict() if final else None)
+    def chunk(size: tuple[int, int], final: bool) -> Chunk:
+        samples = kept.pop(size, [])
+        images = (torch.from_numpy(np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples]))
+                  if samples else torch.zeros(0, *size, 3, dtype=torch.uint8))  # (n, H, W, 3)
+        out = Chunk(index, images, [(s.key, [s.caption, *s.extra_captions], s.meta) for s in samples],
+                    list(rejections), report.to_dict() if final else None)
+        rejections.clear()
+        return out
 
     for item in raw.iter_shard(url, rcfg, report):
         if isinstance(item, raw.Rejection):
             rejections.append({"key": item.key, "reason": item.reason, "detail": item.detail})
             continue
-        kept.append(item)
-        if len(kept) == batch:
-            yield chunk(final=False)
-            kept, rejections = [], []
-    yield chunk(final=True)
+        size = (item.image.height, item.image.width)
+        kept.setdefault(size, []).append(item)
+        if len(kept[size]) == batch:
+            yield chunk(size, final=False)
+    rest = sorted(kept)  # what is left of each size, in a fixed order; the last chunk carries the report
+    for size in rest[:-1]:
+        yield chunk(size, final=False)
+    yield chunk(rest[-1] if rest else (rcfg.resolution, rcfg.resolution), final=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,9 +163,11 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(1) & torch.isfinite(x.half()).all(1)
 
 
-def encode_batch(enc: Encoders, images: torch.Tensor, captions: list[str]) -> dict[str, Any]:
-    """images (N, R, R, 3) uint8 -> CPU float32 mean, std (or None), tokens, pooled; lengths;
-    and the rejection reason per sample ("" = keep)."""
+def encode_batch(enc: Encoders, images: torch.Tensor, captions: list[str],
+                 extra: list[list[str]] | None = None) -> dict[str, Any]:
+    """images (N, H, W, 3) uint8 -> CPU float32 mean, std (or None), tokens, pooled; lengths;
+    and the rejection reason per sample ("" = keep). `extra[i]`: sample i's captions 1, 2, ...,
+    encoded in one more text batch: out["extra"][i] = [(tokens (L, D), pooled (P,), length)]."""
     # uint8 to the device first (a quarter of the bytes of float32), then exactly raw.to_tensor's
     # arithmetic: (N, 3, R, R) in [-1, 1].
     x = images.to(enc.codec.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -169,6 +177,18 @@ def encode_batch(enc: Encoders, images: torch.Tensor, captions: list[str]) -> di
            "tokens": t.tokens.float().cpu(), "pooled": t.pooled.float().cpu(), "lengths": t.lengths.cpu()}
     ok_latent = _finite(out["mean"]) & (_finite(out["std"]) if out["std"] is not None else True)
     ok_text = _finite(out["tokens"]) & _finite(out["pooled"])
+    flat = [c for caps in (extra or []) for c in caps]
+    out["extra"] = [[] for _ in captions]
+    if flat:
+        te = enc.text.encode(flat)
+        tok, pool, lens = te.tokens.float().cpu(), te.pooled.float().cpu(), te.lengths.cpu()
+        ok_extra = (_finite(tok) & _finite(pool)).tolist()
+        j = 0
+        for i, caps in enumerate(extra or []):
+            for _ in caps:
+                out["extra"][i].append((tok[j], pool[j], int(lens[j])))
+                ok_text[i] &= bool(ok_extra[j])
+                j += 1
     out["reason"] = ["" if a and b else ("nonfinite_latent" if not a else "nonfinite_text")
                      for a, b in zip(ok_latent.tolist(), ok_text.tolist())]
     return out
@@ -176,7 +196,9 @@ def encode_batch(enc: Encoders, images: torch.Tensor, captions: list[str]) -> di
 
 @dataclass
 class ShardWriter:
-    """Writes one raw shard's latent parts and, when it is complete, its manifest."""
+    """Writes one raw shard's latent parts and, when it is complete, its manifest. With
+    buckets a part holds one bucket: one writer is open per bucket, parts are numbered in
+    the order they are opened."""
 
     name: str
     url: str
@@ -188,14 +210,18 @@ class ShardWriter:
     encode_rejected: Counter = field(default_factory=Counter)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     written: int = 0
-    writer: lat.TarWriter | None = None
+    writers: dict[tuple[int, int] | None, lat.TarWriter] = field(default_factory=dict)  # bucket (None: square)
+    latent_shapes: dict[tuple[int, int] | None, list[int]] = field(default_factory=dict)
+    opened: int = 0  # parts opened so far: the next part's number
 
     def add(self, chunk: Chunk, enc: Encoders) -> None:
         self.rejections.extend(chunk.rejections)
         if not chunk.samples:
             return
-        e = encode_batch(enc, chunk.images, [c for _, c, _ in chunk.samples])
-        for i, (key, caption, meta) in enumerate(chunk.samples):
+        extra = [caps[1:] for _, caps, _ in chunk.samples]
+        e = encode_batch(enc, chunk.images, [caps[0] for _, caps, _ in chunk.samples],
+                         extra if any(extra) else None)
+        for i, (key, captions, meta) in enumerate(chunk.samples):
             if e["reason"][i]:
                 self.encode_rejected[e["reason"][i]] += 1
                 self.rejections.append({"key": key, "reason": e["reason"][i],
@@ -203,25 +229,34 @@ class ShardWriter:
                 continue
             mean, std = e["mean"][i].numpy(), None if e["std"] is None else e["std"][i].numpy()
             tokens, pooled = e["tokens"][i].numpy(), e["pooled"][i].numpy()
-            if self.writer is None:
-                self.writer = lat.TarWriter(self.out_dir / lat.SHARDS / lat.part_name(self.name, len(self.parts)))
+            bucket = (meta["target_height"], meta["target_width"]) if "target_height" in meta else None
+            writer = self.writers.get(bucket)
+            if writer is None:
+                writer = self.writers[bucket] = lat.TarWriter(
+                    self.out_dir / lat.SHARDS / lat.part_name(self.name, self.opened))
+                self.opened += 1
+                self.latent_shapes[bucket] = list(mean.shape)
             meta = dict(meta, text_len=int(e["lengths"][i]))
-            self.writer.write_sample(key, lat.encode_sample(key, caption, mean, std, tokens, pooled, meta))
+            more = [(c, t.numpy(), p.numpy(), n) for c, (t, p, n) in zip(captions[1:], e["extra"][i])]
+            writer.write_sample(key, lat.encode_sample(key, captions[0], mean, std, tokens, pooled, meta, more))
             self.shapes = self.shapes or {"latent": list(mean.shape), "text": list(tokens.shape),
                                           "pooled": list(pooled.shape)}
             self.written += 1
-            if self.writer.count == self.per_part:
-                self._close_part()
+            if writer.count == self.per_part:
+                self._close_part(bucket)
 
-    def _close_part(self) -> None:
-        assert self.writer is not None
-        self.writer.close()
-        self.parts.append({"file": self.writer.path.name, "count": self.writer.count, "sha256": self.writer.sha256})
-        self.writer = None
+    def _close_part(self, bucket: tuple[int, int] | None) -> None:
+        writer = self.writers.pop(bucket)
+        writer.close()
+        part: dict[str, Any] = {"file": writer.path.name, "count": writer.count, "sha256": writer.sha256}
+        if bucket is not None:
+            part.update(size=list(bucket), latent=self.latent_shapes[bucket])
+        self.parts.append(part)
 
     def finish(self, report: dict[str, Any]) -> dict[str, Any]:
-        if self.writer is not None:
-            self._close_part()
+        for bucket in sorted(self.writers, key=lambda b: b or (0, 0)):
+            self._close_part(bucket)
+        self.parts.sort(key=lambda p: p["file"])
         rejected = Counter(report["rejected"]) + self.encode_rejected
         manifest = {
             "name": self.name,
@@ -244,9 +279,9 @@ class ShardWriter:
         return manifest
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers.clear()
 
 
 def remove_stale_parts(shard_dir: Path, names: set[str]) -> int:
@@ -319,20 +354,61 @@ def _check_config(cfg: Config) -> None:
 
 def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | None = None,
         encoders: Encoders | None = None) -> dict[str, Any]:
-    """Precompute this task's share. Returns a summary. Assembles the dataset manifest when
-    every raw shard is done and `assemble` is not False. `encoders` (built from `cfg` on
-    this process's device) saves building them again, e.g. in benchmarks."""
-    _check_config(cfg)
-    out_dir = check_latent_dir(cfg)
-    urls = shards.expand_shards(cfg.resolved_raw_shards)
-    names = _names(urls)
-    mine = shards.split_for_task(urls, task_index, num_tasks)
-    (out_dir / lat.SHARDS).mkdir(parents=True, exist_ok=True)
+    """Precompute this task's share. Returns a summary. Assembles a dataset manifest when
+    every raw shard of its source is done and `assemble` is not False. `encoders` (built
+    from `cfg` on this process's device) saves building them again, e.g. in benchmarks.
 
+    With data.sources the task's share is taken from the shards of all sources in config
+    order (data/sources.py `work_items`), and each source is written to its own latent
+    directory as a dataset of its own."""
+    _check_config(cfg)
     from latentforge import dist
 
+    srcs = sources.sources_of(cfg)
+    for src in srcs:  # every output directory is checked before any work
+        check_latent_dir(sources.source_config(cfg, src) if cfg.data.sources else cfg)
+    items = sources.work_items([(i, s.raw_shards) for i, s in enumerate(srcs)])
+    for i in range(len(srcs)):
+        _names([u for j, u in items if j == i])  # unique names, checked before any work
+    mine = shards.split_for_task(items, task_index, num_tasks)
     device = dist.device()
+    # "auto" dtypes: resolved on this device when this run starts the dataset, else the ones
+    # it recorded (a re-run or another array task encodes as the first one did). Every
+    # source is encoded alike: the first source that has started records them.
+    started = [s.latent_dir / lat.IDENTITY for s in srcs if (s.latent_dir / lat.IDENTITY).is_file()]
+    recorded = json.loads(started[0].read_text()) if started else None
+    cfg = with_recorded_dtypes(cfg, recorded)
     enc = encoders if encoders is not None else build_encoders(cfg, device)
+    what = f"task {task_index}/{num_tasks}"
+    results = []
+    for i, src in enumerate(srcs):
+        my = [u for j, u in mine if j == i]
+        if not my and cfg.data.sources:
+            continue  # the task that finishes this source's last shard assembles it
+        scfg = sources.source_config(cfg, src) if cfg.data.sources else cfg
+        results.append(_run_source(scfg, [u for j, u in items if j == i], my, enc,
+                                   f"{what} source {src.name}" if src.name else what, assemble))
+    if not cfg.data.sources:
+        return {"task": task_index, "num_tasks": num_tasks, **results[0]}
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update({k: r[k] for k in ("seen", "written", "rejected") if k in r})
+    out: dict[str, Any] = {"task": task_index, "num_tasks": num_tasks, **total}
+    manifests = [r["manifest"] for r in results if "manifest" in r]
+    if manifests:
+        out["manifests"] = ", ".join(manifests)
+    return out
+
+
+def _run_source(cfg: Config, urls: list[str], mine: list[str], enc: Encoders, what: str,
+                assemble: bool | None) -> dict[str, Any]:
+    """Precompute `mine` (some of `urls`, one source's shards) into cfg's latent directory."""
+    from latentforge import dist
+
+    names = _names(urls)
+    out_dir = cfg.resolved_latent_dir
+    (out_dir / lat.SHARDS).mkdir(parents=True, exist_ok=True)
+    device = dist.device()
     identity = enc.identity(cfg)
     ihash = lat.identity_hash(identity)
     _ensure_dataset_identity(out_dir, identity)
@@ -342,7 +418,6 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
 
     todo = [u for u in mine if not lat.shard_manifest_path(out_dir, shards.shard_name(u)).exists()]
     stale = remove_stale_parts(out_dir / lat.SHARDS, {shards.shard_name(u) for u in todo})
-    what = f"task {task_index}/{num_tasks}"
     log.info(f"{what}: {len(mine)} raw shards, {len(mine) - len(todo)} already done, {len(todo)} to do -> {out_dir} "
              f"(codec {identity['codec']['name']} {identity['codec']['dtype']}, text {cfg.text.model} "
              f"{identity['text']['dtype']}, {device}, {cfg.data.precompute_workers} decoding workers)"
@@ -385,7 +460,7 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
             w.abort()
     progress.update(0, note="finished", force=True)
 
-    result: dict[str, Any] = {"task": task_index, "num_tasks": num_tasks, **summary}
+    result: dict[str, Any] = dict(summary)
     all_done = all(lat.shard_manifest_path(out_dir, n).exists() for n in names)
     if assemble is not False and all_done:
         manifest = lat.assemble_manifest(out_dir, identity, expected_shards=list(names))
@@ -399,20 +474,30 @@ def run(cfg: Config, task_index: int = 0, num_tasks: int = 1, assemble: bool | N
 
 
 def assemble(cfg: Config) -> dict[str, Any]:
-    """Assemble the dataset manifest after a job array (refuses while shards are missing)."""
-    urls = shards.expand_shards(cfg.resolved_raw_shards)
-    out_dir = cfg.resolved_latent_dir
-    p = out_dir / lat.IDENTITY
-    if not p.is_file():
-        raise lat.ShardsNotDone(f"{p} not found: no precompute task has started in {out_dir}")
-    identity = json.loads(p.read_text())
-    return lat.assemble_manifest(out_dir, identity, expected_shards=list(_names(urls)))
+    """Assemble the dataset manifest after a job array (refuses while shards are missing);
+    with data.sources, every source's. Returns the (last) manifest."""
+    manifest: dict[str, Any] = {}
+    for src in sources.sources_of(cfg):
+        urls = shards.expand_shards(src.raw_shards)
+        p = src.latent_dir / lat.IDENTITY
+        if not p.is_file():
+            raise lat.ShardsNotDone(f"{p} not found: no precompute task has started in {src.latent_dir}")
+        identity = json.loads(p.read_text())
+        manifest = lat.assemble_manifest(src.latent_dir, identity, expected_shards=list(_names(urls)))
+    return manifest
 
 
 def verify(cfg: Config) -> list[str]:
     """Check every raw shard has a manifest, every part exists with its stated count and
-    sha256, seen == written + rejected, and the dataset manifest agrees. Returns a list of
-    problems (empty = OK)."""
+    sha256, seen == written + rejected, and the dataset manifest agrees (with data.sources,
+    for every source). Returns a list of problems (empty = OK)."""
+    if not cfg.data.sources:
+        return _verify_source(cfg)
+    return [f"source {src.name}: {p}" for src in sources.sources_of(cfg)
+            for p in _verify_source(sources.source_config(cfg, src))]
+
+
+def _verify_source(cfg: Config) -> list[str]:
     problems = []
     out_dir = cfg.resolved_latent_dir
     names = _names(shards.expand_shards(cfg.resolved_raw_shards))

@@ -11,8 +11,10 @@ The stages, and what the stream holds after each:
     _decompress                tar bytes (gzip/bzip2/xz detected by magic number)
     tarfile "r|" + _Tail       (key, ext, bytes) members, in tar order (_members)
     grouping in iter_shard     {ext: bytes} per key (a key's members are consecutive)
-    _make_sample               RawSample (caption, RGB image resized and centre-cropped)
-                               or Rejection(key, reason, detail)
+    _make_sample               caption(s) and metadata (KEY.json, else the shard's parquet row),
+                               metadata filters (data/filters.py), then the image decoded, resized
+                               and centre-cropped to data.resolution or to its aspect-ratio bucket
+                               (data/buckets.py): a RawSample, or Rejection(key, reason, detail)
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from latentforge.data import filters as flt
+from latentforge.data.buckets import Bucket, nearest_bucket
+from latentforge.data.captions import extra_captions
 from latentforge.data.shards import open_shard
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ REASONS: tuple[str, ...] = (
     "truncated_sample",  # the shard ended inside this sample, leaving it without image or caption
     "missing_image",  # no jpg/jpeg/png/webp member
     "missing_caption",  # no non-empty .txt, and no non-empty "caption" in .json
+    *flt.REASONS,  # metadata filters (data/filters.py): filtered_<field> and missing_<field>
     "decompression_bomb",  # width * height above max_pixels (or above PIL's own hard limit)
     "too_small",  # shorter side below min_size
     "bad_aspect",  # long side / short side above max_aspect
@@ -68,6 +74,7 @@ SHARD_ERRORS: tuple[str, ...] = (
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")  # in order of preference
 CROP_POLICY = "resize-shorter-side-bicubic+center-crop"  # recorded in manifests/caches
+BUCKET_CROP_POLICY = "nearest-log-aspect-bucket+resize-to-cover-bicubic+center-crop"  # the same, with buckets
 _KEEP_TAIL = 1 << 20  # bytes of the tar stream kept to inspect where it ended
 _MAX_DRAIN = 1 << 20  # after the archive ends, read at most this much more before closing
 _BLOCK = 512  # tar block size
@@ -79,6 +86,10 @@ class RawConfig:
     min_size: int = 0  # reject images whose shorter side is below this (0 = off)
     max_aspect: float = 0.0  # reject images whose long/short side ratio is above this (0 = off)
     max_pixels: int = 64_000_000  # refuse images with more pixels (decompression bombs)
+    buckets: tuple[Bucket, ...] = ()  # (height, width) aspect-ratio buckets; () = square at resolution
+    filters: flt.MetadataFilters = field(default_factory=flt.MetadataFilters)  # metadata filters (off by default)
+    caption_fields: tuple[str, ...] = ()  # extra captions: member extensions or json fields (data/captions.py)
+    max_captions: int = 1  # most captions kept per sample, caption 0 included
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -89,27 +100,54 @@ class RawConfig:
             raise ValueError(f"max_aspect: must be 0 (off) or >= 1, got {self.max_aspect}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels: must be >= 1, got {self.max_pixels}")
+        if self.max_captions < 1:
+            raise ValueError(f"max_captions: must be >= 1, got {self.max_captions}")
 
     @classmethod
     def from_data_config(cls, data: Any) -> RawConfig:
         """From `latentforge.config.DataConfig` (max_pixels if it has the field)."""
-        kw: dict[str, Any] = dict(resolution=data.resolution, min_size=data.min_size, max_aspect=data.max_aspect)
+        from latentforge.data.buckets import table_from_config
+
+        kw: dict[str, Any] = dict(resolution=data.resolution, min_size=data.min_size, max_aspect=data.max_aspect,
+                                  buckets=table_from_config(data), filters=flt.MetadataFilters.from_data_config(data),
+                                  caption_fields=tuple(data.caption_fields),
+                                  max_captions=data.max_captions if data.caption_fields else 1)
         if hasattr(data, "max_pixels"):
             kw["max_pixels"] = data.max_pixels
         return cls(**kw)
 
     def identity(self) -> dict[str, Any]:
-        """Everything here that shapes the output pixels or the kept set, for cache keys."""
+        """Everything here that shapes the output pixels or the kept set, for cache keys.
+        Buckets, filters and extra captions appear only when on, so a square dataset of
+        one caption keeps the identity it had before they existed."""
         return {"resolution": self.resolution, "min_size": self.min_size, "max_aspect": self.max_aspect,
-                "max_pixels": self.max_pixels, "crop_policy": CROP_POLICY}
+                "max_pixels": self.max_pixels, "crop_policy": self.crop_policy, **extra_identity(self)}
+
+    @property
+    def crop_policy(self) -> str:
+        return BUCKET_CROP_POLICY if self.buckets else CROP_POLICY
+
+
+def extra_identity(cfg: RawConfig) -> dict[str, Any]:
+    """The identity entries of buckets, metadata filters and extra captions (only those that are on)."""
+    out: dict[str, Any] = {}
+    if cfg.buckets:
+        out["buckets"] = [list(b) for b in cfg.buckets]
+    if cfg.filters.active:
+        out["filters"] = cfg.filters.identity()
+    if cfg.caption_fields:
+        out["captions"] = {"fields": list(cfg.caption_fields), "max": cfg.max_captions}
+    return out
 
 
 @dataclass
 class RawSample:
     key: str  # the sample's key in its shard (e.g. "000000123")
-    image: Image.Image  # RGB, resolution x resolution
+    image: Image.Image  # RGB, resolution x resolution, or its bucket's width x height
     caption: str  # stripped, non-empty
-    meta: dict[str, Any]  # orig_width, orig_height (after EXIF rotation), crop_top, crop_left, json
+    meta: dict[str, Any]  # orig_width, orig_height (after EXIF rotation), crop_top, crop_left, json;
+    #                       with buckets also target_height, target_width (the bucket)
+    extra_captions: list[str] = field(default_factory=list)  # captions 1, 2, ... (data/captions.py)
 
 
 @dataclass
@@ -156,7 +194,14 @@ class _ShardError(Exception):
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, int, int]:
-    """Resize the shorter side to `resolution` (antialiased bicubic), centre-crop a square.
+    """Resize the shorter side to `resolution` (antialiased bicubic), centre-crop a square:
+    `resize_crop` to resolution x resolution."""
+    return resize_crop(image, resolution, resolution)
+
+
+def resize_crop(image: Image.Image, width: int, height: int) -> tuple[Image.Image, int, int]:
+    """Resize to cover width x height keeping the aspect ratio (antialiased bicubic), then
+    centre-crop to exactly width x height.
 
     Returns (image, crop_top, crop_left); the offsets are in resized pixels, the crop
     conditioning of SDXL (Podell et al. 2023, "SDXL", sec. 2.2). Only the cropped region
@@ -164,17 +209,17 @@ def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image
     resized image, which for a 1 x 20000 banner would hold billions of pixels.
     """
     w, h = image.size
-    if w <= h:
-        nw, nh = resolution, max(resolution, round(h * resolution / w))
+    if w * height <= h * width:  # relatively taller than the target: the width binds
+        nw, nh = width, max(height, round(h * width / w))
     else:
-        nw, nh = max(resolution, round(w * resolution / h)), resolution
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    if (w, h) == (resolution, resolution):
+        nw, nh = max(width, round(w * height / h)), height
+    top, left = (nh - height) // 2, (nw - width) // 2
+    if (w, h) == (width, height):
         return image, 0, 0
     sx, sy = nw / w, nh / h  # resized pixels per source pixel
-    box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
+    box = (left / sx, top / sy, (left + width) / sx, (top + height) / sy)
     # reducing_gap: a cheap box reduce() first for big downscales, then bicubic.
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    image = image.resize((width, height), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     return image, top, left
 
 
@@ -232,7 +277,12 @@ def _decode_image(data: bytes, cfg: RawConfig) -> tuple[Image.Image, dict[str, A
         except Exception as e:  # truncated data, decoder errors, unsupported modes
             raise _Reject("corrupt_image", f"{type(e).__name__}: {e}") from None
     meta["orig_width"], meta["orig_height"] = image.size
-    image, meta["crop_top"], meta["crop_left"] = resize_center_crop(image, cfg.resolution)
+    if cfg.buckets:
+        th, tw = nearest_bucket(image.size[0], image.size[1], cfg.buckets)
+        meta["target_height"], meta["target_width"] = th, tw
+        image, meta["crop_top"], meta["crop_left"] = resize_crop(image, tw, th)
+    else:
+        image, meta["crop_top"], meta["crop_left"] = resize_center_crop(image, cfg.resolution)
     return image, meta
 
 
@@ -294,7 +344,8 @@ def _caption(files: dict[str, bytes]) -> tuple[str, dict[str, Any] | None, str]:
     return text, meta, ", ".join(why)
 
 
-def _make_sample(key: str, files: dict[str, bytes], cfg: RawConfig, truncated: bool) -> RawSample | Rejection:
+def _make_sample(key: str, files: dict[str, bytes], cfg: RawConfig, truncated: bool,
+                 parquet_row: dict[str, Any] | None = None) -> RawSample | Rejection:
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     text, meta_json, why = _caption(files)
     members = ", ".join(sorted(files))
@@ -304,13 +355,19 @@ def _make_sample(key: str, files: dict[str, bytes], cfg: RawConfig, truncated: b
         return Rejection(key, "missing_image", f"no {'/'.join(IMAGE_EXTS)} member (has: {members})")
     if not text:
         return Rejection(key, "missing_caption", why)
+    if cfg.filters.active:  # before decoding: a filtered image costs no decode
+        fields = {**(parquet_row or {}), **(meta_json or {})}  # the json wins over the parquet
+        rejected = cfg.filters.check(text, fields)
+        if rejected is not None:
+            return Rejection(key, *rejected)
     try:
         image, meta = _decode_image(files[ext], cfg)
     except _Reject as r:
         return Rejection(key, r.reason, f"{key}.{ext}: {r.detail}")
     if meta_json is not None:
         meta["json"] = meta_json
-    return RawSample(key=key, image=image, caption=text, meta=meta)
+    extra = extra_captions(files, meta_json, cfg.caption_fields, text, cfg.max_captions) if cfg.caption_fields else []
+    return RawSample(key=key, image=image, caption=text, meta=meta, extra_captions=extra)
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,6 +495,14 @@ def iter_shard(url: str, cfg: RawConfig, report: ShardReport | None = None) -> I
     """
     report = report if report is not None else ShardReport(url=url)
     keys: set[str] = set()
+    rows: dict[str, dict[str, Any]] = {}
+    pq = flt.parquet_path(url) if cfg.filters.needs_metadata else None
+    if pq is not None:
+        try:
+            rows = flt.read_parquet_rows(pq)
+            report.notes.append(f"metadata_parquet: {pq.name} ({len(rows)} rows)")
+        except ValueError as e:  # the json alone still serves
+            report.notes.append(f"metadata_parquet_error: {e}")
 
     def finish(key: str, files: dict[str, bytes], truncated: bool = False) -> RawSample | Rejection:
         report.seen += 1
@@ -446,7 +511,7 @@ def iter_shard(url: str, cfg: RawConfig, report: ShardReport | None = None) -> I
                                                                          f"repeat an earlier sample's key")
         else:
             keys.add(key)
-            out = _make_sample(key, files, cfg, truncated)
+            out = _make_sample(key, files, cfg, truncated, rows.get(key))
         if isinstance(out, Rejection):
             report.rejected[out.reason] += 1
         else:

@@ -20,6 +20,16 @@ Shards use the img2dataset layout: per sample `KEY.json`, `KEY.png`, `KEY.txt`, 
 pure function of (seed, i), independent of how samples are grouped into shards, and the
 tar bytes are a pure function of the arguments (fixed tar metadata, sorted members,
 deterministic PNG encoding).
+
+Options for the web-scale data path (each off by default, leaving the square dataset
+byte for byte as it was):
+    max_aspect  images get a random aspect ratio up to this (area about image_size**2);
+                positions are cells of the image's own 3x3 grid, sizes fractions of its
+                shorter side
+    captions=2  KEY.json "captions" holds the caption and a rephrasing of it
+    metadata    KEY.json holds filterable fields as img2dataset writes them from LAION's
+                parquet: original_width/original_height (1-8x the image), aesthetic (3-8),
+                pwatermark and punsafe (0-1)
 """
 
 from __future__ import annotations
@@ -170,30 +180,33 @@ def _layout(spec: ShapeSpec, rng: np.random.Generator) -> tuple[float, float, fl
     return cx, cy, side
 
 
-def render(spec: ShapeSpec, size: int, rng: np.random.Generator) -> Image.Image:
-    """An RGB `size` x `size` image of `spec`. Jitter (bbox side, then centroid x and y)
-    takes three draws from `rng`."""
+def render(spec: ShapeSpec, size: int, rng: np.random.Generator, height: int | None = None) -> Image.Image:
+    """An RGB image of `spec`, `size` wide and `height` (default `size`) tall. Jitter (bbox
+    side, then centroid x and y) takes three draws from `rng`. The layout is in fractions:
+    the centroid of the image's width and height, the bbox side of its shorter side."""
     spec.validate()
-    if size < 8:
-        raise ValueError(f"size: images must be at least 8 pixels, got {size}")
+    height = size if height is None else height
+    if min(size, height) < 8:
+        raise ValueError(f"size: images must be at least 8 pixels, got {size}x{height}")
     cx, cy, side = _layout(spec, rng)
-    s = size * _SUPERSAMPLE
-    im = Image.new("RGB", (s, s), BACKGROUNDS[spec.background])
+    sw, sh = size * _SUPERSAMPLE, height * _SUPERSAMPLE
+    side_x, side_y = side * (min(size, height) / size), side * (min(size, height) / height)  # = side when square
+    im = Image.new("RGB", (sw, sh), BACKGROUNDS[spec.background])
     draw = ImageDraw.Draw(im)
     colour = COLORS[spec.color]
     # PIL coordinates are pixel corners at 4x; the box is [x0, x1) so subtract one pixel.
-    x0, x1 = (cx - side / 2) * s, (cx + side / 2) * s - 1
+    x0, x1 = (cx - side_x / 2) * sw, (cx + side_x / 2) * sw - 1
     if spec.shape == "triangle":
-        top = (cy - side * 2 / 3) * s  # apex; the centroid is 2/3 of the height below it
-        bottom = top + side * s - 1
+        top = (cy - side_y * 2 / 3) * sh  # apex; the centroid is 2/3 of the height below it
+        bottom = top + side_y * sh - 1
         draw.polygon([(x0, bottom), (x1, bottom), ((x0 + x1) / 2, top)], fill=colour)
     else:
-        y0, y1 = (cy - side / 2) * s, (cy + side / 2) * s - 1
+        y0, y1 = (cy - side_y / 2) * sh, (cy + side_y / 2) * sh - 1
         if spec.shape == "circle":
             draw.ellipse([x0, y0, x1, y1], fill=colour)
         else:
             draw.rectangle([x0, y0, x1, y1], fill=colour)
-    return im.resize((size, size), Image.Resampling.BOX)
+    return im.resize((size, height), Image.Resampling.BOX)
 
 
 def _png_bytes(im: Image.Image) -> bytes:
@@ -212,14 +225,32 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_sample(index: int, image_size: int, seed: int) -> tuple[str, dict[str, bytes]]:
+def rephrase(spec: ShapeSpec) -> str:
+    """A second caption of `spec` in other words, e.g. "small red circle, top left, white background"."""
+    return f"{spec.size} {spec.color} {spec.shape}, {spec.position}, {spec.background} background"
+
+
+def make_sample(index: int, image_size: int, seed: int, max_aspect: float = 1.0, captions: int = 1,
+                metadata: bool = False) -> tuple[str, dict[str, bytes]]:
     """Sample `index` of the dataset with `seed`: (key, {"json", "png", "txt": bytes})."""
     rng = np.random.default_rng([seed, index])
     spec = sample_spec(rng)
-    im = render(spec, image_size, rng)
+    width = height = image_size
+    if max_aspect > 1:  # drawn after the jitter, so the shapes are those of the square dataset
+        r = float(np.exp(rng.uniform(-np.log(max_aspect), np.log(max_aspect)))) ** 0.5
+        width, height = max(8, round(image_size * r)), max(8, round(image_size / r))
+    im = render(spec, width, rng, height) if max_aspect > 1 else render(spec, image_size, rng)
     key = f"{index:09d}"
     text = caption(spec)
-    meta = {"key": key, "caption": text, "width": image_size, "height": image_size, "spec": asdict(spec)}
+    meta = {"key": key, "caption": text, "width": width, "height": height, "spec": asdict(spec)}
+    if captions > 1:
+        meta["captions"] = [text, rephrase(spec)]
+    if metadata:
+        k = int(rng.integers(1, 9))
+        meta.update(original_width=width * k, original_height=height * k,  # 3 decimals, as in LAION's parquet
+                    aesthetic=float(np.floor(rng.uniform(3, 8) * 1000) / 1000),
+                    pwatermark=float(np.floor(rng.uniform(0, 1) * 1000) / 1000),
+                    punsafe=float(np.floor(rng.uniform(0, 1) * 1000) / 1000))
     return key, {
         "json": json.dumps(meta, sort_keys=True).encode(),
         "png": _png_bytes(im),
@@ -231,9 +262,14 @@ STAMP = "synth.json"  # beside the shards, written last: the arguments that made
 _OWN_FILE_RE = re.compile(r"^(\d{5}\.tar|synth\.json|\..+\.tmp-\d+)$")  # shards, stamp, temporary names
 
 
-def _stamp(num_samples: int, samples_per_shard: int, image_size: int, seed: int) -> dict[str, int]:
-    return {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "image_size": image_size,
-            "seed": seed, "version": 1}
+def _stamp(num_samples: int, samples_per_shard: int, image_size: int, seed: int, max_aspect: float = 1.0,
+           captions: int = 1, metadata: bool = False) -> dict[str, object]:
+    """The arguments, with the options that are on (a square dataset's stamp is unchanged)."""
+    args: dict[str, object] = {"num_samples": num_samples, "samples_per_shard": samples_per_shard,
+                               "image_size": image_size, "seed": seed, "version": 1}
+    options = {"max_aspect": max_aspect, "captions": captions, "metadata": metadata}
+    args.update({k: v for k, v in options.items() if v != {"max_aspect": 1.0, "captions": 1, "metadata": False}[k]})
+    return args
 
 
 def is_synth_output(out: Path) -> bool:
@@ -242,7 +278,7 @@ def is_synth_output(out: Path) -> bool:
 
 
 def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, image_size: int,
-                 seed: int) -> list[Path]:
+                 seed: int, max_aspect: float = 1.0, captions: int = 1, metadata: bool = False) -> list[Path]:
     """Write the dataset as raw shards `out_dir/00000.tar`, ...; return their paths in order.
 
     Every shard is (re)written; each appears only when complete (temporary name, then
@@ -255,6 +291,8 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard
         raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard: must be >= 1, got {samples_per_shard}")
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect: must be >= 1 (1 = square), got {max_aspect}")
     out = Path(out_dir)
     outputs.check_output_dir(out, command="data synth", metadata=STAMP, is_earlier_output=is_synth_output)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,15 +305,16 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard
     for i, path in enumerate(paths):
         with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(i * samples_per_shard, min((i + 1) * samples_per_shard, num_samples)):
-                key, files = make_sample(index, image_size, seed)
+                key, files = make_sample(index, image_size, seed, max_aspect, captions, metadata)
                 for ext in sorted(files):
                     _add(tar, f"{key}.{ext}", files[ext])
-    atomic_write(out / STAMP, json.dumps(_stamp(num_samples, samples_per_shard, image_size, seed), sort_keys=True))
+    atomic_write(out / STAMP, json.dumps(_stamp(num_samples, samples_per_shard, image_size, seed, max_aspect, captions,
+                                                metadata), sort_keys=True))
     return paths
 
 
 def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, image_size: int,
-                  seed: int) -> list[Path]:
+                  seed: int, max_aspect: float = 1.0, captions: int = 1, metadata: bool = False) -> list[Path]:
     """The dataset's shard paths, writing them only if `out_dir` does not hold them yet.
 
     A stamp file (written last) records the arguments; a folder stamped with other
@@ -284,29 +323,31 @@ def ensure_shards(out_dir: str | os.PathLike, num_samples: int, samples_per_shar
     writes identical bytes under its own temporary names.
     """
     out = Path(out_dir)
-    args = _stamp(num_samples, samples_per_shard, image_size, seed)
+    args = _stamp(num_samples, samples_per_shard, image_size, seed, max_aspect, captions, metadata)
     stamp = out / STAMP
     if stamp.exists():
         old = json.loads(stamp.read_text())
         if old != args:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in args.items() if old.get(k) != v)
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))
+                             if old.get(k) != args.get(k))
             raise ValueError(f"synth: {out} holds a synthetic dataset made with other settings ({diff}); "
                              f"remove it or use another run_root")
         paths = [out / f"{i:05d}.tar" for i in range(-(-num_samples // samples_per_shard))]
         if all(p.exists() for p in paths):
             return paths
-    return write_shards(out, num_samples, samples_per_shard, image_size, seed)
+    return write_shards(out, num_samples, samples_per_shard, image_size, seed, max_aspect, captions, metadata)
 
 
 def ensure_synth(cfg: Config) -> None:
     """The embedded default dataset: synthesize it into RUN_ROOT/synth on first use when
-    data.raw_shards is empty (a no-op when the shards are already there)."""
-    if cfg.data.raw_shards:
+    data.raw_shards is empty and there are no data.sources (a no-op when the shards are
+    already there)."""
+    if cfg.data.raw_shards or cfg.data.sources:
         return
     out = Path(cfg.run_root) / "synth"
     s = cfg.synth
     log.info(f"{s.num_samples} synthetic images in {out}")
-    ensure_shards(out, s.num_samples, s.samples_per_shard, s.image_size, s.seed)
+    ensure_shards(out, s.num_samples, s.samples_per_shard, s.image_size, s.seed, s.max_aspect, s.captions, s.metadata)
 
 
 def fixed_prompts(n: int, seed: int = 0) -> list[str]:

@@ -35,7 +35,13 @@ seed, weights hashes, reference key and cache hit) is written next to every eval
 parts also go to params `eval_protocol/*`.
 
 Sampling uses a plain fp32 copy of the U-Net loaded with the EMA (or gathered raw)
-weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage.
+weights, so it needs no collectives inside the forward pass, whatever the ZeRO stage. The
+copy lives only for the duration of one periodic eval (an SD-2 U-Net is 3.5 GB in fp32:
+kept between evals it would undo what ZeRO-3 saves). On a GPU the forward passes (sampling
+and the held-out loss) run under torch.autocast in the training precision
+(latentforge.dist.autocast); on a CPU in fp32, as before. The held-out loss runs in
+batches of eval.heldout_batch_size.
+
 
 A stop signal (SIGUSR2, SIGTERM, SIGINT: training/control.py) interrupts an evaluation at
 the next batch boundary: before the held-out loss, before each batch of the FID reference
@@ -58,7 +64,10 @@ import torch
 from latentforge import dist
 from latentforge.config import Config
 from latentforge.data import latents as lat
+from latentforge.data.buckets import sample_time_ids
+from latentforge.data.buckets import time_ids as time_ids_of
 from latentforge.data.loader import Finalize, finalize
+from latentforge.data.sources import sources_of
 from latentforge.eval.images import default_prompts, fid_noise, make_grid, noise_for, to_uint8_nchw
 from latentforge.fileio import atomic_open, write_json
 from latentforge.log import get_logger
@@ -77,8 +86,20 @@ class FidSet:
     captions: list[str]
     text: torch.Tensor  # (n, L, D) float32 stored caption embeddings
     pooled: torch.Tensor  # (n, P) float32
-    means: torch.Tensor  # (n, C, h, w) float32 unscaled posterior means (the reference images)
+    means: list[torch.Tensor]  # n x (C, h, w) float32 unscaled posterior means (the reference images);
+    #                            with buckets h, w vary from sample to sample
+    time_ids: torch.Tensor  # (n, 6) float32 micro-conditioning: the sample's bucket, no crop
     dataset: dict[str, Any]  # what identifies the samples, for the reference-cache key
+
+    def batches(self, bs: int) -> list[list[int]]:
+        """This rank's samples in batches of up to `bs` of one latent shape, in order."""
+        out: list[list[int]] = []
+        for i, m in enumerate(self.means):
+            if out and len(out[-1]) < bs and self.means[out[-1][0]].shape == m.shape:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
 
 
 def _progress(what: str, done: int, total: int, t0: float, last: float) -> float:
@@ -104,14 +125,16 @@ class Evaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else self.run_dir  # grids and protocols go here
         self.schedule = schedule
         self.heldout_parts = list(heldout_parts)
+        # Held-out parts' files are relative to it (with several sources they are absolute);
+        # every source's manifest has the same identity, so the first one's serves.
+        self.latent_dir = sources_of(cfg)[0].latent_dir
         self.fid_skip = self._fid_skip_reason()  # None when FID runs
         self._check_settings()
         self.null_tokens, self.null_pooled = null_text
         self.prompts = default_prompts(cfg)
         emb = encoders.text.encode(self.prompts)
         self.prompt_tokens, self.prompt_pooled = emb.tokens.float().cpu(), emb.pooled.float().cpu()
-        self.heldout = self._load_heldout(self.heldout_parts)
-        self._model: torch.nn.Module | None = None
+        self.heldout = self._load_heldout(self.heldout_parts)  # None, or groups of one latent shape
         # Built on first use: Inception is ~100 MB and slow to build; the FID set and the
         # reference statistics are read or computed once per process.
         self._fid_set: FidSet | None = None
@@ -164,26 +187,30 @@ class Evaluator:
             self._announced.add(what)
             log.info(msg)
 
-    def _load_heldout(self, parts: list[dict]) -> dict[str, torch.Tensor] | None:
-        """This rank's share of the first `eval.heldout_samples` held-out latents."""
+    def _part_size(self, part: dict) -> tuple[int, int]:
+        """The (height, width) a part's images were made at: its bucket, else data.resolution."""
+        return tuple(part["size"]) if "size" in part else (self.cfg.data.resolution,) * 2  # type: ignore[return-value]
+
+    def _load_heldout(self, parts: list[dict]) -> list[dict[str, torch.Tensor]] | None:
+        """This rank's share of the first `eval.heldout_samples` held-out latents, grouped by
+        latent shape (one group without buckets): [{"x0", "text", "pooled", "time_ids"}]."""
         if not parts or self.cfg.eval.heldout_samples <= 0:
             return None
         fin = Finalize(self.encoders.codec.scale, self.encoders.codec.shift, seed=self.cfg.eval.seed)
-        xs, texts, pooled = [], [], []
+        groups: dict[tuple[int, ...], dict[str, list[torch.Tensor]]] = {}
         n = 0
         for pi, part in enumerate(parts):
-            for idx, rec in enumerate(lat.read_part(self.cfg.resolved_latent_dir / part["file"])):
+            for idx, rec in enumerate(lat.read_part(self.latent_dir / part["file"])):
                 if n >= self.cfg.eval.heldout_samples:
                     break
                 if n % dist.world_size() == dist.rank():
-                    xs.append(finalize(rec.mean, rec.std, fin, 0, pi, idx))
-                    texts.append(torch.from_numpy(rec.text.astype(np.float32)))
-                    pooled.append(torch.from_numpy(rec.pooled.astype(np.float32)))
+                    g = groups.setdefault(tuple(rec.mean.shape), {"x0": [], "text": [], "pooled": [], "time_ids": []})
+                    g["x0"].append(finalize(rec.mean, rec.std, fin, 0, pi, idx))
+                    g["text"].append(torch.from_numpy(rec.text.astype(np.float32)))
+                    g["pooled"].append(torch.from_numpy(rec.pooled.astype(np.float32)))
+                    g["time_ids"].append(torch.tensor(sample_time_ids(rec.meta, self._part_size(part))))
                 n += 1
-        if not xs:
-            return {"x0": torch.zeros(0, *self.shapes["latent"]), "text": torch.zeros(0, *self.shapes["text"]),
-                    "pooled": torch.zeros(0, *self.shapes["pooled"])}
-        return {"x0": torch.stack(xs), "text": torch.stack(texts), "pooled": torch.stack(pooled)}
+        return [{k: torch.stack(v) for k, v in groups[shape].items()} for shape in sorted(groups)]
 
     def _load_fid_set(self) -> FidSet:
         """This rank's share of the first eval.fid_num_images held-out samples (file order)."""
@@ -193,8 +220,8 @@ class Evaluator:
 
         want = self.cfg.eval.fid_num_images
         rank, world = dist.rank(), dist.world_size()
-        latent_dir = self.cfg.resolved_latent_dir
-        indices, captions, texts, pooled, means = [], [], [], [], []
+        latent_dir = self.latent_dir
+        indices, captions, texts, pooled, means, time_ids = [], [], [], [], [], []
         used_parts: list[dict[str, Any]] = []
         n = 0
         for part in self.heldout_parts:
@@ -210,6 +237,9 @@ class Evaluator:
                     texts.append(torch.from_numpy(rec.text.astype(np.float32)))
                     pooled.append(torch.from_numpy(rec.pooled.astype(np.float32)))
                     means.append(torch.from_numpy(rec.mean.astype(np.float32)))
+                    size = (rec.meta.get("target_height", self._part_size(part)[0]),
+                            rec.meta.get("target_width", self._part_size(part)[1]))
+                    time_ids.append(torch.tensor(time_ids_of(size, (0, 0), size)))
                 n += 1
         if n < want:
             log.info(f"eval.fid_num_images={want} but only {n} held-out latents exist: FID uses {n} "
@@ -224,14 +254,13 @@ class Evaluator:
                      "parts": [{**p, "sha256": sha256_file(latent_dir / p["file"])} for p in used_parts],
                      "samples": "first N held-out latents in file order; posterior mean decoded by the codec"}
         ident = dist.broadcast_object(ident)
-        C, h, w = self.shapes["latent"]
         L, D = self.shapes["text"]
         (P,) = self.shapes["pooled"]
         self._fid_set = FidSet(
             total=n, indices=indices, captions=captions,
             text=torch.stack(texts) if texts else torch.zeros(0, L, D),
             pooled=torch.stack(pooled) if pooled else torch.zeros(0, P),
-            means=torch.stack(means) if means else torch.zeros(0, C, h, w), dataset=ident)
+            means=means, time_ids=torch.stack(time_ids) if time_ids else torch.zeros(0, 6), dataset=ident)
         return self._fid_set
 
     def _inception_net(self) -> torch.nn.Module:
@@ -257,23 +286,32 @@ class Evaluator:
         return self._clip
 
     def _eval_model(self, engine: Any, ema: Any) -> torch.nn.Module:
-        """A plain U-Net on this rank's device with the weights to evaluate."""
+        """A plain fp32 U-Net on this rank's device with the weights to evaluate (built
+        for one eval; the caller drops it)."""
         lora = bool(self.cfg.model.lora_rank)
-        if self._model is None:
-            C, h, _ = self.shapes["latent"]
-            self._model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
-            if lora:  # the same modules as the engine's: base layers and adapters
-                add_lora(self._model, self.cfg.model)
-            self._model.to(dist.device()).eval().requires_grad_(False)
+        C, h, _ = self.shapes["latent"]
+        model = build_unet(self.cfg.model, C, h, self.shapes["text"][-1], self.shapes["pooled"][-1])
+        if lora:  # the same modules as the engine's: base layers and adapters
+            add_lora(model, self.cfg.model)
+        model.to(dist.device()).eval().requires_grad_(False)
         if ema is not None and self.cfg.eval.use_ema and not lora:
-            ema.copy_to(self._model)
+            ema.copy_to(model)
         else:  # LoRA: the frozen base from the engine, then its adapters' EMA over it
             with engine.full_parameters() as m, torch.no_grad():
-                for (name, p), (name2, q) in zip(self._model.named_parameters(), m.named_parameters()):
+                for (name, p), (name2, q) in zip(model.named_parameters(), m.named_parameters()):
                     p.copy_(q.detach().float())
             if ema is not None and self.cfg.eval.use_ema:
-                ema.copy_to(self._model)
-        return self._model
+                ema.copy_to(model)
+        return model
+
+    def _forward(self, model: torch.nn.Module) -> Any:
+        """model_fn(x, t, cond) of `model`, under autocast in the training precision on a GPU."""
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+            with dist.autocast(self.cfg.train.precision):
+                return unet_forward(model, x, t, cond).float()
+
+        return model_fn
 
     # ------------------------------------------------------------------------------
     # Entry points.
@@ -284,8 +322,13 @@ class Evaluator:
         t0 = time.monotonic()
         model = self._eval_model(engine, ema)
         periodic = step < self.cfg.train.max_steps  # the loop's final eval runs at max_steps
-        metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
-                                else "raw", fid=not (periodic and self.cfg.eval.fid_final_only))
+        try:
+            metrics = self.evaluate(model, step, tracker, weights="ema" if ema is not None and self.cfg.eval.use_ema
+                                    else "raw", fid=not (periodic and self.cfg.eval.fid_final_only))
+        finally:
+            del model  # the fp32 copy goes now, not at the next eval
+            if dist.device().type == "cuda":
+                torch.cuda.empty_cache()  # and its memory back to the allocator's pool for training
         metrics["eval/time_s"] = time.monotonic() - t0
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
@@ -300,9 +343,7 @@ class Evaluator:
         the FID set (a periodic eval under eval.fid_final_only)."""
         cfg_scale = self.cfg.eval.cfg_scale if cfg_scale is None else float(cfg_scale)
         model.eval()
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet_forward(model, x, t, cond)
+        model_fn = self._forward(model)
 
         metrics: dict[str, float] = {}
         protocol: dict[str, Any] = {
@@ -343,7 +384,7 @@ class Evaluator:
     # The pieces.
 
     def _heldout_total(self) -> int:
-        n = 0 if self.heldout is None else self.heldout["x0"].shape[0]
+        n = 0 if self.heldout is None else sum(g["x0"].shape[0] for g in self.heldout)
         return int(dist.all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=dist.device())).item())
 
     @torch.no_grad()
@@ -354,18 +395,17 @@ class Evaluator:
 
         if self.heldout is None:
             return {}
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet_forward(model, x, t, cond)
-
+        model_fn = self._forward(model)
         device = dist.device()
-        n = self.heldout["x0"].shape[0]
+        n = sum(grp["x0"].shape[0] for grp in self.heldout)
         g = torch.Generator().manual_seed(self.cfg.eval.seed + dist.rank())
         local: dict[str, float] = {}
-        if n:
-            cond = {"text": self.heldout["text"].to(device), "pooled": self.heldout["pooled"].to(device)}
-            local = heldout_loss(model_fn, self.heldout["x0"].to(device), cond, self.cfg.diffusion,
-                                 self.schedule, self.cfg.eval.heldout_buckets, g)
+        for grp in self.heldout:  # one latent shape each; the loss weighted by sample count
+            cond = {k: grp[k].to(device) for k in ("text", "pooled", "time_ids")}
+            part = heldout_loss(model_fn, grp["x0"].to(device), cond, self.cfg.diffusion, self.schedule,
+                                self.cfg.eval.heldout_buckets, g, batch_size=self.cfg.eval.heldout_batch_size)
+            for k, v in part.items():
+                local[k] = local.get(k, 0.0) + v * grp["x0"].shape[0] / n
         keys = sorted(local) if local else None
         keys = dist.broadcast_object(keys, src=0) if dist.world_size() > 1 else keys
         out: dict[str, float] = {}
@@ -378,15 +418,16 @@ class Evaluator:
         return out
 
     def _sample(self, model_fn: Any, text: torch.Tensor, pooled: torch.Tensor, x_T: torch.Tensor,
-                cfg_scale: float) -> torch.Tensor:
-        """Latents -> decoded images (N, 3, H, W) in [-1, 1] with classifier-free guidance."""
+                cfg_scale: float, time_ids: torch.Tensor) -> torch.Tensor:
+        """Latents -> decoded images (N, 3, H, W) in [-1, 1] with classifier-free guidance.
+        time_ids (N, 6): the micro-conditioning, the same for the unconditional half (as SD-XL)."""
         from latentforge.eval.sampling import sample
 
         device = dist.device()
         n = x_T.shape[0]
-        cond = {"text": text.to(device), "pooled": pooled.to(device)}
+        cond = {"text": text.to(device), "pooled": pooled.to(device), "time_ids": time_ids.to(device)}
         uncond = {"text": self.null_tokens.expand(n, -1, -1).to(device),
-                  "pooled": self.null_pooled.expand(n, -1).to(device)}
+                  "pooled": self.null_pooled.expand(n, -1).to(device), "time_ids": time_ids.to(device)}
         z = sample(model_fn, tuple(x_T.shape), cond, uncond, schedule=self.schedule,
                    diffusion_cfg=self.cfg.diffusion, sampler=self.cfg.eval.sampler, steps=self.cfg.eval.steps,
                    cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(self.cfg.eval.seed),
@@ -416,14 +457,17 @@ class Evaluator:
             log.info(f"FID reference statistics: {fs.total} held-out images at {resolution} px "
                      f"(computed once, cached in {cache_dir})")
             stats = fid.FeatureStats(device=dist.device())
-            n_mine = fs.means.shape[0]
+            mine = fs.batches(bs)
+            n_mine = len(fs.means)
             t0 = last = time.monotonic()
-            for i in self._rounds(fs.total, bs):
+            for r in range(self._agreed_rounds(len(mine))):
                 check_stop("FID reference")
-                if i < n_mine:
-                    pix = self.encoders.codec.decode(fs.means[i:i + bs].to(dist.device()))  # (B, 3, H, W)
+                if r < len(mine):
+                    idx = mine[r]
+                    means = torch.stack([fs.means[i] for i in idx]).to(dist.device())  # (B, C, h, w), one shape
+                    pix = self.encoders.codec.decode(means)  # (B, 3, H, W)
                     stats.update(fid.image_features(inception, to_uint8_nchw(pix), bs))
-                    last = _progress("FID reference", min(i + bs, n_mine), n_mine, t0, last)
+                    last = _progress("FID reference", idx[-1] + 1, n_mine, t0, last)
             return stats.all_reduce()
 
         stats, hit = fid.reference_stats(cache_dir, key_parts, compute)
@@ -446,21 +490,24 @@ class Evaluator:
         bs = self.cfg.eval.fid_batch_size
         C, h, w = self.shapes["latent"]
         stats = fid.FeatureStats(device=dist.device())
-        clip_sum, n_mine = 0.0, fs.means.shape[0]
+        clip_sum, n_mine = 0.0, len(fs.means)
         t0 = last = time.monotonic()
         resolution = h * self.encoders.codec.downsample
-        for i in self._rounds(fs.total, bs):
+        mine = fs.batches(bs)
+        for r in range(self._agreed_rounds(len(mine))):
             check_stop("FID set")
-            if i >= n_mine:  # this rank's share is done; it still meets the others at each boundary
+            if r >= len(mine):  # this rank's share is done; it still meets the others at each boundary
                 continue
-            idx = fs.indices[i:i + bs]
-            x_T = torch.stack([fid_noise(self.cfg.eval.seed, k, (C, h, w)) for k in idx])  # (B, C, h, w)
-            u8 = to_uint8_nchw(self._sample(model_fn, fs.text[i:i + bs], fs.pooled[i:i + bs], x_T, cfg_scale))
+            pos = mine[r]  # each batch at its own samples' latent shape
+            x_T = torch.stack([fid_noise(self.cfg.eval.seed, fs.indices[i], tuple(fs.means[i].shape))
+                               for i in pos])  # (B, C, h, w)
+            sel = torch.tensor(pos)
+            u8 = to_uint8_nchw(self._sample(model_fn, fs.text[sel], fs.pooled[sel], x_T, cfg_scale, fs.time_ids[sel]))
             resolution = u8.shape[-1]
             stats.update(fid.image_features(inception, u8, bs))  # (B, 2048)
             if scorer is not None:
-                clip_sum += float(scorer.score(u8, fs.captions[i:i + bs]).double().sum())
-            last = _progress(f"FID set (cfg {cfg_scale:g})", min(i + bs, n_mine), n_mine, t0, last)
+                clip_sum += float(scorer.score(u8, [fs.captions[i] for i in pos]).double().sum())
+            last = _progress(f"FID set (cfg {cfg_scale:g})", pos[-1] + 1, n_mine, t0, last)
         stats.all_reduce()
         value = fid.fid_from_stats(stats, ref)
         metrics = {inception.metric_name: value}
@@ -478,11 +525,10 @@ class Evaluator:
         return metrics, protocol
 
     @staticmethod
-    def _rounds(total: int, bs: int) -> range:
-        """Batch offsets every rank walks through for a set of `total` images dealt
-        round-robin: as many as the rank with the most images needs."""
-        most = -(-total // dist.world_size())
-        return range(0, most, bs)
+    def _agreed_rounds(n: int) -> int:
+        """The most batches any rank has of a FID loop whose batches each hold one latent
+        shape (collective): every rank walks through as many batch boundaries."""
+        return int(dist.all_reduce_max(torch.tensor([float(n)], device=dist.device())).item())
 
     def _grid(self, model_fn: Any, step: int, tracker: Any, cfg_scale: float, suffix: str,
               with_clip: bool) -> tuple[dict[str, float], dict[str, Any]]:
@@ -493,20 +539,20 @@ class Evaluator:
         per = self.cfg.eval.images_per_prompt
         cells = [(i, j) for i in range(len(self.prompts)) for j in range(per)]
         mine = cells[dist.rank()::dist.world_size()]
-        C, h, w = self.shapes["latent"]
+        shape, ids = self.grid_geometry()
         images: list[tuple[tuple[int, int], np.ndarray]] = []
         scorer = self._clip_scorer() if with_clip else None
         clip_sum = 0.0
         if mine:
             idx = torch.tensor([i for i, _ in mine])
-            x_T = torch.stack([noise_for(self.cfg.eval.seed, i, j, (C, h, w)) for i, j in mine])
+            x_T = torch.stack([noise_for(self.cfg.eval.seed, i, j, shape) for i, j in mine])
             u8 = to_uint8_nchw(self._sample(model_fn, self.prompt_tokens[idx], self.prompt_pooled[idx], x_T,
-                                            cfg_scale))  # (n, 3, H, W)
+                                            cfg_scale, torch.tensor([ids] * len(mine))))  # (n, 3, H, W)
             if scorer is not None:
                 clip_sum = float(scorer.score(u8, [self.prompts[i] for i, _ in mine]).double().sum())
             images = list(zip(mine, u8.permute(0, 2, 3, 1).numpy()))
         metrics: dict[str, float] = {}
-        protocol: dict[str, Any] = {"grid": {"prompts": self.prompts, "images_per_prompt": per,
+        protocol: dict[str, Any] = {"grid": {"prompts": self.prompts, "images_per_prompt": per, "time_ids": ids,
                                              "noise": "noise_for(eval.seed, prompt, image)"}}
         if scorer is not None:
             value = cs.mean_over_ranks(clip_sum, len(mine))
@@ -534,6 +580,16 @@ class Evaluator:
         # the same metrics (the stand-alone sweep tabulates them on rank 0 only, but a
         # caller must not see rank-dependent keys).
         return dist.broadcast_object(metrics), protocol
+
+    def grid_geometry(self) -> tuple[tuple[int, int, int], list[float]]:
+        """(latent shape, micro-conditioning) of grid samples: eval.sample_size (default the
+        dataset's nominal size) with the crop eval.sample_crop."""
+        from latentforge.eval.sampling import sample_geometry
+
+        C, h, w = self.shapes["latent"]
+        d = self.encoders.codec.downsample
+        size = tuple(self.cfg.eval.sample_size) if self.cfg.eval.sample_size[0] else (h * d, w * d)
+        return sample_geometry(C, d, size, tuple(self.cfg.eval.sample_crop))
 
     def _adherence(self, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
         """Prompt adherence on synthetic-shapes prompts (skipped if none parse)."""

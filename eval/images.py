@@ -52,12 +52,14 @@ def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid(images: np.ndarray, prompts: list[str], per_prompt: int, cell: int = 96) -> "Image.Image":
-    """One row per prompt, its text on the left, `per_prompt` images upscaled to `cell` px."""
+    """One row per prompt, its text on the left, `per_prompt` images upscaled to `cell` px
+    high (and as wide as their aspect ratio makes them)."""
     from PIL import Image, ImageDraw
 
     label_w = 330
     rows = len(prompts)
-    grid = Image.new("RGB", (label_w + per_prompt * (cell + 4), rows * (cell + 4)), (255, 255, 255))
+    cell_w = max(1, round(cell * images.shape[2] / images.shape[1]))  # images (N, H, W, 3)
+    grid = Image.new("RGB", (label_w + per_prompt * (cell_w + 4), rows * (cell + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, prompt in enumerate(prompts):
         y = i * (cell + 4)
@@ -72,6 +74,6 @@ def make_grid(images: np.ndarray, prompts: list[str], per_prompt: int, cell: int
         for k, text in enumerate(lines):
             draw.text((4, y + 4 + 12 * k), text, fill=(0, 0, 0))
         for j in range(per_prompt):
-            im = Image.fromarray(images[i * per_prompt + j]).resize((cell, cell), Image.NEAREST)
-            grid.paste(im, (label_w + j * (cell + 4), y))
+            im = Image.fromarray(images[i * per_prompt + j]).resize((cell_w, cell), Image.NEAREST)
+            grid.paste(im, (label_w + j * (cell_w + 4), y))
     return grid

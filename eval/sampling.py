@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from latentforge.config import DiffusionConfig
+from latentforge.data.buckets import time_ids
 from latentforge.training.diffusion import FLOW_TIME_SCALE, ModelFn, Schedule, pred_to_x0_eps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N, C, H, W), t (N,)) -> output
@@ -306,6 +307,24 @@ def _sampler(schedule: Schedule, name: str) -> Sampler:
     if name == "euler":
         return sample_euler
     raise ValueError(f"eval.sampler: expected ddim, dpm++ or euler, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Size and crop.
+
+
+def sample_geometry(latent_channels: int, downsample: int, size: tuple[int, int],
+                    crop_top_left: tuple[int, int] = (0, 0), key: str = "eval.sample_size"
+                    ) -> tuple[tuple[int, int, int], list[float]]:
+    """For images of `size` (height, width) pixels: the latent shape (C, h, w) to sample and
+    SD-XL's micro-conditioning (original size = target size = `size`, the crop (0, 0) by
+    default: "well-centred", Podell et al. 2023, sec. 2.2). A micro-conditioned U-Net takes
+    the six numbers as cond["time_ids"]; any other ignores them."""
+    H, W = size
+    if H <= 0 or W <= 0 or H % downsample or W % downsample:
+        raise ValueError(f"{key}: {H}x{W} is not a positive multiple of the codec's downsample factor "
+                         f"{downsample}")
+    return (latent_channels, H // downsample, W // downsample), time_ids(size, crop_top_left, size)
 
 
 # ---------------------------------------------------------------------------------------

@@ -208,10 +208,13 @@ def _load_run(target: Target, cfg: Config, device: torch.device) -> Loaded:
                   mlflow_run_id=state.mlflow_run_id, source=str(where))
 
 
-def _check_encoders(loaded: Loaded, encoders: Any) -> None:
+def _check_encoders(loaded: Loaded, encoders: Any, cfg: Config) -> None:
     """The text encoder and codec built from the config must be the ones the run trained
-    with: other prompt embeddings or another decoder make every number meaningless."""
-    now = {"text": encoders.text.identity(), "codec": encoders.codec.identity()}
+    with: other prompt embeddings or another decoder make every number meaningless. An
+    "auto" dtype accepts the one the training data recorded (another device's choice)."""
+    from latentforge.data.encoders import expected_identity
+
+    now = expected_identity(encoders, cfg, loaded.identity)
     diffs = [f"{k}: trained with {loaded.identity[k]!r}, config gives {now[k]!r}"
              for k in ("text", "codec") if loaded.identity.get(k) is not None and loaded.identity[k] != now[k]]
     if diffs:
@@ -221,14 +224,12 @@ def _check_encoders(loaded: Loaded, encoders: Any) -> None:
 def _heldout_parts(cfg: Config, encoders: Any) -> tuple[list[dict], str | None]:
     """The held-out latent parts, or ([], why not) when the latent dataset is not here."""
     from latentforge.data import latents as lat
-    from latentforge.data.loader import split_parts
+    from latentforge.data.sources import open_dataset, sources_of
 
-    latent_dir = cfg.resolved_latent_dir
-    if not (latent_dir / lat.MANIFEST).is_file():
-        return [], (f"no latent dataset at {latent_dir} (set data.latent_dir): no held-out loss, no FID")
-    manifest = lat.load_manifest(latent_dir)
-    lat.check_identity(manifest, encoders.identity(cfg), str(latent_dir / lat.MANIFEST))
-    return split_parts(manifest, cfg.data.heldout_shards)[1], None
+    missing = [s.latent_dir for s in sources_of(cfg) if not (s.latent_dir / lat.MANIFEST).is_file()]
+    if missing:
+        return [], (f"no latent dataset at {missing[0]} (set data.latent_dir): no held-out loss, no FID")
+    return open_dataset(cfg, encoders).heldout_parts, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def evaluate_target(target: Target, cfg: Config) -> SweepResult:
     t_start = time.monotonic()
     loaded = load_model(target, cfg, device)
     encoders = build_encoders(cfg, device)
-    _check_encoders(loaded, encoders)
+    _check_encoders(loaded, encoders, cfg)
     heldout_parts, note = _heldout_parts(cfg, encoders)
     notes = [note] if note else []
     if note:

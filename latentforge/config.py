@@ -26,6 +26,17 @@ class SynthConfig:
     samples_per_shard: int = 256  # images per raw shard
     image_size: int = 64  # side of the rendered square images, pixels
     seed: int = 0  # the dataset is a pure function of this seed
+    max_aspect: float = 1.0  # random long/short side ratio up to this (area about image_size**2); 1 = square
+    captions: int = 1  # captions per image: 2 adds a rephrased caption (KEY.json "captions" holds both)
+    metadata: bool = False  # KEY.json gets filterable fields: original_width/height, aesthetic, pwatermark, punsafe
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""  # names the source in metrics (train/samples_seen/<name>); unique
+    raw_shards: str = ""  # its raw WebDataset shards (as data.raw_shards)
+    latent_dir: str = ""  # where its latents go; "" = <data.latent_dir or run_root/latents>/<name>
+    weight: float = 1.0  # its share of every epoch's samples, relative to the other sources' weights
 
 
 @dataclass
@@ -42,6 +53,21 @@ class DataConfig:
     heldout_shards: int = 1  # the last N latent shards (in name order) are held out from training
     num_workers: int = 1  # DataLoader workers per rank for latent shards
     prefetch_factor: int = 4  # batches prefetched per worker
+    bucket_max_ratio: float = 1.0  # aspect-ratio buckets up to this long/short side ratio; 1 = square only
+    bucket_area: int = 0  # pixels per bucket (width * height at most this); 0 = data.resolution ** 2
+    bucket_multiple: int = 64  # bucket sides are multiples of this (>= codec downsample x 2**(U-Net levels-1))
+    caption_fields: tuple[str, ...] = ()  # extra captions: KEY.json fields (string or list) or member extensions
+    max_captions: int = 4  # most captions encoded per image, the .txt caption first
+    caption_weights: tuple[float, ...] = ()  # loader: relative weight of caption 0 (.txt), 1, 2, ...; () = uniform
+    filter_min_original_side: int = 0  # reject an original (json/parquet) shorter side below this; 0 = off
+    filter_max_original_side: int = 0  # reject when the original image's longer side is above this; 0 = off
+    filter_min_aesthetic: float = 0.0  # reject an aesthetic score below this; 0 = off
+    filter_max_watermark: float = 1.0  # reject a watermark probability above this; 1 = off
+    filter_max_unsafe: float = 1.0  # reject an unsafe (NSFW) probability above this; 1 = off
+    filter_min_caption_words: int = 0  # reject captions with fewer words; 0 = off
+    filter_max_caption_words: int = 0  # reject captions with more words; 0 = off
+    sources: tuple[SourceConfig, ...] = ()  # weighted mixing of several sources; () = data.raw_shards alone
+    epoch_samples: int = 0  # with sources: samples per epoch, all sources together; 0 = their sizes summed
 
 
 @dataclass
@@ -51,7 +77,7 @@ class CodecConfig:
     patch: int = 2  # pixel: unshuffle factor; latent grid is resolution / patch
     scale: float = 0.0  # multiply latents by this after subtracting shift; 0 = the codec's own default
     shift: float = 0.0  # subtracted from latents before scaling (SD-1/2 VAE: 0)
-    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: fp32, bf16, fp16 or auto (bf16 on a GPU with native bf16, else fp32; resolved once per dataset by precompute)
 
 
 @dataclass
@@ -59,7 +85,7 @@ class TextConfig:
     model: str = "tiny"  # open_clip architecture name ("ViT-H-14", ...) or "tiny" (random, for CPU)
     pretrained: str = ""  # local open_clip checkpoint file, or "local-dir:DIR"; "" = random init
     layer: str = "penultimate"  # token sequence from the "penultimate" (SD-2) or "last" layer
-    dtype: str = "auto"  # compute dtype for encoding: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16
+    dtype: str = "auto"  # compute dtype for encoding: fp32, bf16, fp16 or auto (bf16 on a GPU with native bf16, else fp32; resolved once per dataset by precompute)
 
 
 @dataclass
@@ -73,6 +99,8 @@ class ModelConfig:
     transformer_layers_per_block: int = 1  # transformer blocks inside each cross-attention block
     linear_projection: bool = True  # SD-2 style linear (not 1x1 conv) projections in transformers
     pooled_text_conditioning: bool = False  # also add the pooled text embedding to the time embedding
+    micro_conditioning: bool = False  # SD-XL size/crop + pooled text via the added time embedding ("text_time")
+    micro_conditioning_dim: int = 256  # sinusoidal features per size/crop number (addition_time_embed_dim)
     mid_block: str = "cross_attn"  # middle block: "cross_attn" (UNetMidBlock2DCrossAttn) or "none" (no middle block)
     init_from: str = ""  # start weights: diffusers U-Net dir, export, or RUN_DIR[@TAG][:ema|:raw] (docs/finetuning.md); "" = random
     lora_rank: int = 0  # > 0: train only rank-r LoRA adapters (peft) on the attention projections of init_from's model
@@ -113,7 +141,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps to train
     seed: int = 0  # every random stream is a pure function of (seed, rank, step)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "auto"  # fp32, bf16, fp16; auto = bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # fp32, bf16, fp16; auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU
     activation_checkpointing: bool = False  # recompute U-Net activations in backward
     offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload)
     compile: bool = False  # torch.compile the U-Net
@@ -146,6 +174,7 @@ class EvalConfig:
     seed: int = 1234  # seeds of the fixed sample noise
     heldout_buckets: int = 4  # timestep buckets for the held-out denoising loss
     heldout_samples: int = 256  # held-out latents used per eval
+    heldout_batch_size: int = 64  # held-out latents per U-Net forward pass in the held-out loss
     use_ema: bool = True  # evaluate the EMA weights (if any)
     inception_path: str = ""  # torch-fidelity FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "" = random init, logged as eval/fid_randinit
     fid_num_images: int = 0  # generated and reference images for FID; 0 = no FID
@@ -156,6 +185,8 @@ class EvalConfig:
     clip_pretrained: str = ""  # local open_clip weights file or "local-dir:DIR"; "" = random init, logged as eval/clip_score_randinit
     clip_score: bool = True  # CLIP score of the generated images (FID set if any, else the grid); false = skip
     cfg_sweep: tuple[float, ...] = ()  # stand-alone eval: CFG scales to sweep (plus eval.cfg_scale); () = only eval.cfg_scale
+    sample_size: tuple[int, int] = (0, 0)  # (height, width) of grid samples in pixels; (0, 0) = data.resolution square
+    sample_crop: tuple[int, int] = (0, 0)  # micro-conditioning crop (top, left) when sampling
 
 
 @dataclass
@@ -237,7 +268,7 @@ def tiny() -> Config:
     for pictures. The linear schedule (DDPM's) with zero terminal SNR suits pixel-range data."""
     return Config(
         preset="tiny",
-        data=DataConfig(resolution=32, latent_samples_per_shard=512, heldout_shards=1),
+        data=DataConfig(resolution=32, latent_samples_per_shard=512, heldout_shards=1, bucket_multiple=8),
         codec=CodecConfig(kind="pixel", patch=4),
         text=TextConfig(model="tiny"),
         model=ModelConfig(
@@ -278,7 +309,7 @@ def demo() -> Config:
     cfg.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
     cfg.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     cfg.diffusion = DiffusionConfig(objective="flow", prediction="v", cfg_dropout=0.1)
-    cfg.train.max_steps = 1500  # a 2x2-patch step costs about 1.5x a 4x4 one: 96k samples fit the 10 minutes
+    cfg.train.max_steps = 1500  # a 2x2-patch step costs 1.5-1.8x a 4x4 one: 96k samples fit the 10 minutes
     return cfg
 
 
@@ -618,10 +649,82 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lora_rank/lora_alpha: must be >= 0, got {m.lora_rank}, {m.lora_alpha}")
     if m.lora_rank and not m.init_from:
         raise ConfigError("model.lora_rank: LoRA adapts pretrained weights; set model.init_from to the model to adapt")
+    if cfg.eval.heldout_batch_size < 1:
+        raise ConfigError(f"eval.heldout_batch_size: must be >= 1, got {cfg.eval.heldout_batch_size}")
     if cfg.eval.sampler not in ("ddim", "dpm++", "euler"):
         raise ConfigError(f"eval.sampler: expected ddim, dpm++ or euler, got {cfg.eval.sampler!r}")
     if cfg.nproc < 1:
         raise ConfigError(f"nproc: must be >= 1, got {cfg.nproc}")
+    _validate_data(cfg)
+    m = cfg.model
+    if m.micro_conditioning and m.pooled_text_conditioning:
+        raise ConfigError("model.pooled_text_conditioning: model.micro_conditioning already feeds the pooled text "
+                          "embedding through the added time embedding; set one of them")
+    if m.micro_conditioning_dim < 2 or m.micro_conditioning_dim % 2:
+        raise ConfigError(f"model.micro_conditioning_dim: must be an even number >= 2, got {m.micro_conditioning_dim}")
+    size, crop = cfg.eval.sample_size, cfg.eval.sample_crop
+    if (size[0] > 0) != (size[1] > 0) or min(size) < 0:
+        raise ConfigError(f"eval.sample_size: expected (height, width) both > 0, or (0, 0), got {list(size)}")
+    if min(crop) < 0:
+        raise ConfigError(f"eval.sample_crop: expected (top, left) >= 0, got {list(crop)}")
+    if cfg.synth.max_aspect < 1:
+        raise ConfigError(f"synth.max_aspect: must be >= 1 (1 = square), got {cfg.synth.max_aspect}")
+    if cfg.synth.captions not in (1, 2):
+        raise ConfigError(f"synth.captions: expected 1 or 2, got {cfg.synth.captions}")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Buckets, captions, filters and sources."""
+    d = cfg.data
+    if d.bucket_max_ratio < 1:
+        raise ConfigError(f"data.bucket_max_ratio: must be >= 1 (1 = square only), got {d.bucket_max_ratio}")
+    if d.bucket_area < 0:
+        raise ConfigError(f"data.bucket_area: must be >= 0 (0 = data.resolution ** 2), got {d.bucket_area}")
+    if d.bucket_multiple < 1:
+        raise ConfigError(f"data.bucket_multiple: must be >= 1, got {d.bucket_multiple}")
+    if d.bucket_max_ratio > 1:
+        area = d.bucket_area or d.resolution ** 2
+        if area < d.bucket_multiple ** 2:
+            raise ConfigError(f"data.bucket_area: {area} pixels hold no bucket of sides that are multiples of "
+                              f"data.bucket_multiple {d.bucket_multiple}")
+        levels = 2 ** (len(cfg.model.block_out_channels) - 1)
+        if cfg.codec.kind == "pixel" and d.bucket_multiple % (cfg.codec.patch * levels):
+            raise ConfigError(f"data.bucket_multiple: {d.bucket_multiple} is not a multiple of codec.patch x 2 ** "
+                              f"(U-Net levels - 1) = {cfg.codec.patch * levels}, so some bucket's latents would not "
+                              f"fit the U-Net")
+    if d.max_captions < 1:
+        raise ConfigError(f"data.max_captions: must be >= 1, got {d.max_captions}")
+    if any(w < 0 for w in d.caption_weights) or (d.caption_weights and not sum(d.caption_weights) > 0):
+        raise ConfigError(f"data.caption_weights: expected weights >= 0, not all 0, got {list(d.caption_weights)}")
+    if any(not f or "/" in f for f in d.caption_fields):
+        raise ConfigError(f"data.caption_fields: expected json field names or member extensions, got "
+                          f"{list(d.caption_fields)}")
+    for key in ("filter_min_original_side", "filter_max_original_side", "filter_min_caption_words",
+                "filter_max_caption_words"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: must be >= 0 (0 = off), got {getattr(d, key)}")
+    for key in ("filter_max_watermark", "filter_max_unsafe"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key}: expected a probability in [0, 1] (1 = off), got {getattr(d, key)}")
+    if d.filter_min_aesthetic < 0:
+        raise ConfigError(f"data.filter_min_aesthetic: must be >= 0 (0 = off), got {d.filter_min_aesthetic}")
+    if 0 < d.filter_max_original_side < d.filter_min_original_side:
+        raise ConfigError("data.filter_max_original_side: below data.filter_min_original_side")
+    if 0 < d.filter_max_caption_words < d.filter_min_caption_words:
+        raise ConfigError("data.filter_max_caption_words: below data.filter_min_caption_words")
+    if d.epoch_samples < 0:
+        raise ConfigError(f"data.epoch_samples: must be >= 0 (0 = the sources' sizes summed), got {d.epoch_samples}")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
+            raise ConfigError(f"data.sources[{i}].name: expected a non-empty name of letters, digits, '-', '_' "
+                              f"or '.', got {s.name!r}")
+        if s.name in names[:i]:
+            raise ConfigError(f"data.sources[{i}].name: {s.name!r} names two sources")
+        if not s.raw_shards:
+            raise ConfigError(f"data.sources[{i}].raw_shards: empty (every source needs its raw shards)")
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {s.weight}")
 
 
 def save(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,13 +1,32 @@
-"""A tiny distributed helper: rank, world size, device, reductions (logging is latentforge/log.py).
+"""A tiny distributed helper: rank, world size, device, precision, reductions (logging is
+latentforge/log.py).
 
 Defaults to one process when torch.distributed is not initialised, so every function
 here is safe to call from single-process tools and tests. This module and
 `training/engine.py` are the only places that know about devices and backends: CUDA
 gets NCCL, CPU gets gloo. Model code never imports torch.distributed.
+
+The decisions made here, in one place:
+
+- **which GPU** (`cuda_ordinal`): a rank that sees all of its node's GPUs takes GPU
+  LOCAL_RANK (torchrun, srun without binding); a task that sees exactly one GPU, chosen
+  for it (srun --gpus-per-task=1, --gpu-bind, a site default), takes it whatever its
+  LOCAL_RANK: there "GPU LOCAL_RANK" is an invalid ordinal; more ranks on a node than
+  visible GPUs is refused, naming both counts (`LOCAL_RANK % count` put two ranks on one
+  GPU, and NCCL failed later). DeepSpeed is told the same GPU (training/engine.py,
+  `bind_device_env`);
+- **which training precision** (`train_precision`): `auto` is bf16 on a GPU with native
+  bf16 (compute capability 8.0+), fp16 with dynamic loss scaling on older GPUs (V100,
+  T4: their tensor cores run fp16; emulated bf16 is slower than fp32), fp32 on CPUs
+  (bf16 matmuls are slower than fp32 there);
+- **which encoder dtype** (`compute_dtype`): `auto` is bf16 on a GPU with native bf16,
+  else fp32 (never fp16: the SD VAE overflows in fp16, which is why diffusers upcasts it);
+- **autocast for inference** (`autocast`): the training precision on CUDA, nothing on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Any
@@ -15,10 +34,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from latentforge.config import ConfigError
 from latentforge.env import bind_gloo_interface
 from latentforge.log import get_logger
 
 log = get_logger("dist")
+
+# The launcher's LOCAL_RANK, kept here once `engine.init_distributed` has rewritten LOCAL_RANK
+# to the CUDA ordinal (the meaning DeepSpeed gives that name).
+NODE_LOCAL_RANK = "LATENTFORGE_NODE_LOCAL_RANK"
 
 
 def is_initialized() -> bool:
@@ -34,22 +58,109 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """This rank's index among the ranks of its node, as the launcher set it."""
+    return int(os.environ.get(NODE_LOCAL_RANK) or os.environ.get("LOCAL_RANK", 0))
+
+
+def local_world_size() -> int | None:
+    """Ranks on this node (torchrun/our launcher: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE); None if unknown."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return None
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
+def cuda_ordinal(local_rank: int, local_world_size: int | None, device_count: int,
+                 visible_devices: str | None) -> int:
+    """The CUDA device index this rank uses among the `device_count` GPUs it can see
+    (`visible_devices`: CUDA_VISIBLE_DEVICES, None when unset).
+
+    - One visible GPU, chosen for this task (CUDA_VISIBLE_DEVICES set, as SLURM's GPU
+      binding does): device 0, whatever LOCAL_RANK is. Under per-task binding every task
+      of an 8-task node sees only its own GPU, and LOCAL_RANK 1..7 would be invalid
+      ordinals. (Should ranks nevertheless share that GPU, NCCL refuses them at the first
+      collective: "Duplicate GPU detected".)
+    - Otherwise GPU `local_rank`, provided the node's ranks fit on its visible GPUs; more
+      ranks than GPUs is one error naming both counts.
+    """
+    shown = "<unset>" if visible_devices is None else repr(visible_devices)
+    if device_count < 1:
+        raise ValueError(f"CUDA is available but no GPU is visible (CUDA_VISIBLE_DEVICES={shown})")
+    ranks = local_world_size if local_world_size is not None else local_rank + 1
+    if device_count == 1 and visible_devices is not None:
+        return 0
+    if ranks > device_count or local_rank >= device_count:
+        raise ValueError(f"{ranks} ranks on this node but {device_count} visible GPU(s) (local rank {local_rank}, "
+                         f"CUDA_VISIBLE_DEVICES={shown}): start at most one rank per GPU "
+                         f"(e.g. --ntasks-per-node={device_count}) or bind one GPU per task (--gpus-per-task=1)")
+    return local_rank
+
+
 def device() -> torch.device:
-    """The one place that picks a device: this rank's GPU if there is one, else the CPU."""
+    """The one place that picks a device: this rank's GPU if there is one (`cuda_ordinal`),
+    else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return torch.device("cuda", cuda_ordinal(local_rank(), local_world_size(), torch.cuda.device_count(),
+                                                 os.environ.get("CUDA_VISIBLE_DEVICES")))
     return torch.device("cpu")
 
 
 def backend() -> str:
     return "nccl" if device().type == "cuda" else "gloo"
+
+
+def native_bf16() -> bool:
+    """True on a GPU whose hardware computes in bf16 (not emulated: emulation is slower than fp32)."""
+    return device().type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def train_precision(requested: str) -> str:
+    """`train.precision` for this device: `auto` resolved (see the module docstring); an
+    explicit choice the device cannot honour is a one-line error naming the key."""
+    cuda = device().type == "cuda"
+    if requested == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if native_bf16() else "fp16"
+    if requested == "bf16" and cuda and not native_bf16():
+        raise ConfigError(f"train.precision: bf16 needs a GPU with native bf16 (compute capability 8.0+); "
+                          f"{torch.cuda.get_device_name(device())} has none: use fp16 or auto")
+    if requested == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 (dynamic loss scaling) is for CUDA; use fp32 or bf16 on CPU")
+    return requested
+
+
+def compute_dtype(requested: str, dev: torch.device | str | None = None) -> str:
+    """`codec.dtype` / `text.dtype` on `dev` (default: this rank's device): `auto` is bf16
+    on a GPU with native bf16, else fp32; other names are returned as they are."""
+    if requested != "auto":
+        return requested
+    dev = device() if dev is None else torch.device(dev)
+    if dev.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """Inference (eval) in the training precision: `precision` is train.precision as
+    configured. On CUDA, torch.autocast to bf16 where the GPU has it natively, else to fp16
+    (a bf16-trained run evaluated on a V100); nothing for fp32, and nothing on CPU, where
+    results stay bitwise as without it."""
+    if device().type != "cuda":
+        return contextlib.nullcontext()
+    p = train_precision("auto") if precision == "auto" else precision
+    if p == "bf16" and not native_bf16():
+        p = "fp16"
+    if p not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[p])
 
 
 def init(timeout_s: float = 600.0) -> None:

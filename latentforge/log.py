@@ -229,9 +229,13 @@ class StartupClock:
         self.phases: dict[str, float] = {"imports": now - start}
         self._last = now
 
-    def mark(self, phase: str) -> None:
+    def mark(self, phase: str, split: tuple[str, float] | None = None) -> None:
+        """End `phase` now. `split=(name, seconds)` moves that much of it into a phase of its own."""
         now = time.time()
         self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        if split is not None:
+            self.phases[phase] -= split[1]
+            self.phases[split[0]] = self.phases.get(split[0], 0.0) + split[1]
         self._last = now
 
     @property

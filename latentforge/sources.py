@@ -41,7 +41,7 @@ TAG_RE = re.compile(r"^step_\d{8}$")
 # The ModelConfig fields that describe the U-Net's architecture (the others say how to train it).
 ARCH_FIELDS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
                "norm_num_groups", "transformer_layers_per_block", "linear_projection", "pooled_text_conditioning",
-               "mid_block")
+               "mid_block", "micro_conditioning", "micro_conditioning_dim")
 MID_BLOCKS = {"UNetMidBlock2DCrossAttn": "cross_attn", None: "none"}
 
 
@@ -191,6 +191,10 @@ def unet_config_to_model(c: dict[str, Any], where: str) -> dict[str, Any]:
     if cls not in (None, "projection"):
         raise ConfigError(f"{KEY}: {where} has class_embed_type {cls!r}; latentforge builds None or 'projection' "
                           f"(model.pooled_text_conditioning)")
+    add = c.get("addition_embed_type")
+    if add not in (None, "text_time"):
+        raise ConfigError(f"{KEY}: {where} has addition_embed_type {add!r}; latentforge builds None or 'text_time' "
+                          f"(model.micro_conditioning)")
     return {
         "block_out_channels": boc,
         "layers_per_block": int(_same(c.get("layers_per_block", 2), n, "layers_per_block", where)),
@@ -203,6 +207,8 @@ def unet_config_to_model(c: dict[str, Any], where: str) -> dict[str, Any]:
         "linear_projection": bool(c.get("use_linear_projection", False)),
         "pooled_text_conditioning": cls == "projection",
         "mid_block": MID_BLOCKS[mid],
+        "micro_conditioning": add == "text_time",
+        **({"micro_conditioning_dim": int(c["addition_time_embed_dim"])} if add == "text_time" else {}),
     }
 
 

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-shard", type=int, default=None, help="images per shard")
     s.add_argument("--size", type=int, default=None, help="image side in pixels")
     s.add_argument("--seed", type=int, default=None, help="dataset seed")
+    s.add_argument("--max-aspect", type=float, default=None, help="random aspect ratios up to this (1 = square)")
+    s.add_argument("--captions", type=int, default=None, choices=(1, 2), help="captions per image (2: a rephrasing)")
+    s.add_argument("--metadata", action="store_true", help="write filterable json fields (aesthetic, pwatermark, ...)")
     i = dsub.add_parser("inspect", help="per-reason accounting of a latent dataset")
     i.add_argument("latent_dir")
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--sampler", default=None)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the run's nominal size)")
+    sa.add_argument("--crop", default="0,0", help="micro-conditioning crop TOP,LEFT (default 0,0)")
     sa.add_argument("--init-image", default=None, help="image-to-image / inpainting: the picture to start from")
     sa.add_argument("--mask", default=None, help="inpainting: white where to generate, black where to keep the "
                                                  "init image")
@@ -155,7 +160,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     d = SynthConfig()
     paths = write_shards(args.out, num_samples=args.num or d.num_samples,
                          samples_per_shard=args.per_shard or d.samples_per_shard,
-                         image_size=args.size or d.image_size, seed=d.seed if args.seed is None else args.seed)
+                         image_size=args.size or d.image_size, seed=d.seed if args.seed is None else args.seed,
+                         max_aspect=args.max_aspect or d.max_aspect, captions=args.captions or d.captions,
+                         metadata=args.metadata or d.metadata)
     print(f"wrote {len(paths)} shards to {args.out}")
     return 0
 
@@ -244,9 +251,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from latentforge.eval.sample import sample_from_export
 
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+        crop = tuple(int(v) for v in args.crop.split(","))
+    except ValueError:
+        size, crop = (), ()
+    if (size is not None and len(size) != 2) or len(crop) != 2:
+        raise ValueError(f"--size/--crop: expected HEIGHTxWIDTH and TOP,LEFT, got {args.size!r}, {args.crop!r}")
     path = sample_from_export(args.model, args.prompt, args.out, n=args.n, steps=args.steps,
                               cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed, use_ema=not args.raw,
-                              init_image=args.init_image, mask=args.mask, strength=args.strength)
+                              size=size, crop=crop, init_image=args.init_image, mask=args.mask,
+                              strength=args.strength)
     print(f"wrote {path}")
     return 0
 

@@ -93,8 +93,15 @@ class Profile:
         return self.gpus_per_node or 1
 
     def setup_lines(self) -> list[str]:
-        """`export` lines for `env`, then `setup`: the setup lines may use the variables."""
-        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        """`export` lines for `env`, then `setup`: the setup lines may use the variables.
+
+        SLURM jobs also export SRUN_CPUS_PER_TASK = cpus_per_task (unless `env` sets it): from
+        Slurm 22.05 to 23.02, srun does not inherit sbatch's --cpus-per-task, so submitit's
+        srun would give each rank one core, shared by its data-loader workers."""
+        env = dict(self.env)
+        if self.executor == "slurm":
+            env.setdefault("SRUN_CPUS_PER_TASK", str(self.cpus_per_task))
+        exports = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
         return exports + list(self.setup)
 
     def executor_params(self) -> dict[str, Any]:

@@ -253,21 +253,39 @@ def active_jobs(records: Sequence[dict[str, Any]], home: Path) -> list[tuple[str
 # Precompute: which tasks are unfinished.
 
 
+def precompute_work(rec: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(latent directory, raw shard spec) of every source a precompute record covers, in
+    config order (one, unless the config has data.sources)."""
+    if rec.get("sources"):
+        return [(Path(s["latent_dir"]), s["raw_shards"]) for s in rec["sources"]]
+    return [(Path(rec["latent_dir"]), rec["raw_shards"])]
+
+
+def task_work(work: list[tuple[Path, str]], num_tasks: int) -> list[list[tuple[Path, str]]]:
+    """(latent directory, raw shard name) of each task of an array of `num_tasks` over the
+    shards of every source (data/precompute.py splits the same list)."""
+    from latentforge.data import shards
+    from latentforge.data.sources import work_items
+
+    items = work_items(work)
+    return [[(d, shards.shard_name(u)) for d, u in shards.split_for_task(items, i, num_tasks)]
+            for i in range(num_tasks)]
+
+
 def task_shards(raw_spec: str, num_tasks: int) -> list[list[str]]:
     """Raw shard names of each task of an array of `num_tasks` (data/shards.split_for_task)."""
-    from latentforge.data import shards
-
-    urls = shards.expand_shards(raw_spec)
-    return [[shards.shard_name(u) for u in shards.split_for_task(urls, i, num_tasks)] for i in range(num_tasks)]
+    return [[n for _, n in group] for group in task_work([(Path("."), raw_spec)], num_tasks)]
 
 
-def incomplete_tasks(latent_dir: Path, raw_spec: str, num_tasks: int) -> list[int]:
+def incomplete_tasks(latent_dir: Path, raw_spec: str, num_tasks: int,
+                     work: list[tuple[Path, str]] | None = None) -> list[int]:
     """Tasks with at least one raw shard whose manifest is missing (precompute writes a
-    shard's manifest last, so a missing one means the shard is not done)."""
+    shard's manifest last, so a missing one means the shard is not done). `work`: every
+    source's (latent directory, raw spec), when there are several."""
     from latentforge.data import latents as lat
 
-    return [i for i, names in enumerate(task_shards(raw_spec, num_tasks))
-            if any(not lat.shard_manifest_path(latent_dir, n).exists() for n in names)]
+    return [i for i, group in enumerate(task_work(work or [(latent_dir, raw_spec)], num_tasks))
+            if any(not lat.shard_manifest_path(d, n).exists() for d, n in group)]
 
 
 def tail_lines(path: Path, n: int, max_bytes: int = 256_000) -> str:

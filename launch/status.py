@@ -121,21 +121,22 @@ def _precompute_status(folder: Path, records: list[dict[str, Any]]) -> list[str]
     from latentforge.data import latents as lat
 
     rec = records[-1]
-    latent_dir = Path(rec["latent_dir"])
-    lines = [f"latent directory {latent_dir}"]
+    work = jobrec.precompute_work(rec)
+    lines = [f"latent directory {', '.join(str(d) for d, _ in work)}"]
     try:
-        groups = jobrec.task_shards(rec["raw_shards"], int(rec["num_tasks"]))
+        groups = jobrec.task_work(work, int(rec["num_tasks"]))
     except (OSError, ValueError) as e:
         return lines + [f"  (cannot list the raw shards: {e})"]
-    done = [sum(lat.shard_manifest_path(latent_dir, n).exists() for n in g) for g in groups]
+    done = [sum(lat.shard_manifest_path(d, n).exists() for d, n in g) for g in groups]
     total = sum(len(g) for g in groups)
     lines.append(f"  raw shards done: {sum(done)}/{total}; tasks finished: "
                  f"{sum(d == len(g) for d, g in zip(done, groups))}/{len(groups)}")
     unfinished = [i for i, (d, g) in enumerate(zip(done, groups)) if d < len(g)]
     if unfinished:
         lines.append(f"  unfinished tasks: {', '.join(map(str, unfinished))}")
-    manifest = latent_dir / lat.MANIFEST
-    lines.append(f"  dataset manifest: {'assembled' if manifest.exists() else 'not assembled yet'}")
+    assembled = sum((d / lat.MANIFEST).exists() for d, _ in work)
+    lines.append(f"  dataset manifest: {'assembled' if assembled == len(work) else 'not assembled yet'}"
+                 + (f" ({assembled}/{len(work)} sources)" if len(work) > 1 else ""))
     return lines
 
 

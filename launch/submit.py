@@ -140,15 +140,16 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
                               f"same checkpoints. Wait for it, or scancel it, or choose another run_name")
         return _submit_one("train", TrainJob(source, str(run_dir)), prof, profile_path, run_dir, run_dir=str(run_dir))
 
-    # Precompute: a job array over groups of raw shards.
-    from latentforge.data import shards
+    # Precompute: a job array over groups of raw shards (of every source, with data.sources).
+    from latentforge.data.sources import sources_of, work_items
 
-    if not cfg.data.raw_shards:  # the embedded synthetic dataset: made here, once, before the array starts
+    if not cfg.data.raw_shards and not cfg.data.sources:  # the embedded synthetic dataset: made here, once
         from latentforge.data.synth import ensure_synth
 
         ensure_synth(cfg)
     raw_spec = cfg.resolved_raw_shards
-    n_shards = len(shards.expand_shards(raw_spec))
+    work = [(s.latent_dir.resolve(), s.raw_shards) for s in sources_of(cfg)]
+    n_shards = len(work_items(work))
     latent_dir = cfg.resolved_latent_dir.resolve()
     jobs_dir = Path(cfg.run_root).resolve() / jobrec.PRECOMPUTE_JOBS
     record_file = jobs_dir / jobrec.JOBS_FILE
@@ -176,7 +177,7 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
         if busy:
             raise SubmitError(f"precompute job {busy[0][0]} is still {busy[0][1]}; wait for the array to end "
                               f"before resubmitting its failed tasks")
-        indices = jobrec.incomplete_tasks(latent_dir, raw_spec, num_tasks)
+        indices = jobrec.incomplete_tasks(latent_dir, raw_spec, num_tasks, work)
         if not indices:
             raise SubmitError(f"every task of the {num_tasks}-task precompute of {latent_dir} has finished; "
                               f"nothing to resubmit (`latentforge precompute --assemble` writes the manifest "
@@ -190,6 +191,8 @@ def submit_jobs(kind: str, profile: str, preset: str | None = None, config_file:
     rec = _record("precompute", jobs[0], prof, profile_path, folder, latent_dir=str(latent_dir), raw_shards=raw_spec,
                   num_tasks=num_tasks, task_indices=indices, job_ids=[str(j.job_id) for j in jobs],
                   folders=[str(jobrec.job_folder(folder, str(j.job_id))) for j in jobs])
+    if cfg.data.sources:
+        rec["sources"] = [{"latent_dir": str(d), "raw_shards": spec} for d, spec in work]
     rec["job_id"] = str(jobs[0].job_id).split("_")[0] if prof.executor == "slurm" else str(jobs[0].job_id)
     jobrec.append_record(record_file, rec)
     return Submission("precompute", prof, jobs, record_file, latent_dir, [rec])
@@ -315,17 +318,20 @@ def _assemble_if_needed(sub: Submission, out: Callable[[str], None]) -> None:
     finished together on a filesystem that hid one's files from the other, do it here."""
     from latentforge.data import latents as lat
 
-    if (sub.run_dir / lat.MANIFEST).exists():
-        out(f"[submit] dataset manifest: {sub.run_dir / lat.MANIFEST}")
-        return
     rec = sub.records[0]
-    if jobrec.incomplete_tasks(sub.run_dir, rec["raw_shards"], int(rec["num_tasks"])):
+    work = jobrec.precompute_work(rec)
+    if all((d / lat.MANIFEST).exists() for d, _ in work):
+        out(f"[submit] dataset manifest: {', '.join(str(d / lat.MANIFEST) for d, _ in work)}")
+        return
+    if jobrec.incomplete_tasks(sub.run_dir, rec["raw_shards"], int(rec["num_tasks"]), work):
         out("[submit] some tasks have unfinished shards; resubmit them with --resubmit-failed")
         return
-    identity = json.loads((sub.run_dir / "identity.json").read_text())
-    names = [n for group in jobrec.task_shards(rec["raw_shards"], int(rec["num_tasks"])) for n in group]
-    lat.assemble_manifest(sub.run_dir, identity, expected_shards=names)
-    out(f"[submit] assembled the dataset manifest {sub.run_dir / lat.MANIFEST}")
+    groups = jobrec.task_work(work, int(rec["num_tasks"]))
+    for d, _ in work:
+        if not (d / lat.MANIFEST).exists():
+            identity = json.loads((d / "identity.json").read_text())
+            lat.assemble_manifest(d, identity, expected_shards=[n for g in groups for dd, n in g if dd == d])
+            out(f"[submit] assembled the dataset manifest {d / lat.MANIFEST}")
 
 
 def submit(kind: str, profile: str, preset: str | None = None, config_file: str | None = None,

@@ -12,9 +12,35 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import pytest  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# Launcher environments faked by tests (tests/test_env.py, tests/test_gpu_paths.py):
+# everything any launcher may have left in the environment of the process running pytest,
+# and what latentforge exports itself.
+LAUNCH_PREFIXES = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_")
+LAUNCH_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "NODE_RANK", "GROUP_RANK",
+                "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
+                "LATENTFORGE_NODE_LOCAL_RANK")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch):
+    """monkeypatch, with every launcher variable removed from os.environ for the test. The
+    whole environment is put back afterwards: the code under test exports variables itself
+    (env.apply, engine.bind_device_env), which monkeypatch would not undo."""
+    saved = dict(os.environ)
+    for k in list(os.environ):
+        if k in LAUNCH_NAMES or k.startswith(LAUNCH_PREFIXES):
+            monkeypatch.delenv(k)
+    yield monkeypatch
+    monkeypatch.undo()  # first, or its own undo would bring back values it recorded mid-test
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 # ---------------------------------------------------------------------------------------
 # A tiny latent dataset shared by the end-to-end tests: synthetic shapes -> precompute.
-import pytest  # noqa: E402
 from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402,F401  (fixtures: a real one-node SLURM cluster)
 from slurm_multinode import slurm_multinode  # noqa: E402,F401  (fixture: several SLURM nodes in network namespaces)
 

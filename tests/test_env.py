@@ -14,18 +14,7 @@ import pytest
 from latentforge import env
 from latentforge.env import DistEnv, apply, bind_gloo_interface, discover, expand_nodelist
 
-# Everything any launcher may have left in the environment of the process running pytest.
-_PREFIXES = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_")
-_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "NODE_RANK", "GROUP_RANK",
-          "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for k in list(os.environ):
-        if k in _NAMES or k.startswith(_PREFIXES):
-            monkeypatch.delenv(k)
-    return monkeypatch
+# `clean_env` (tests/conftest.py): the test's monkeypatch, with every launcher variable removed.
 
 
 def _set(mp: pytest.MonkeyPatch, **values: object) -> None:

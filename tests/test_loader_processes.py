@@ -1,5 +1,6 @@
 """Exactly-once and bitwise resume with real processes, real DataLoader workers and real
-latent shards (the plan itself is checked by simulation in test_loader.py).
+latent shards (the plan itself is checked by simulation in test_loader.py), for a square
+dataset and for one with aspect-ratio buckets and two captions per sample.
 
 Each rank is a plain Python process running LatentLoader with its rank and world size: no
 process group is needed, since the loader's position is the same on every rank. A rank
@@ -21,23 +22,26 @@ import pytest
 import torch
 
 from latentforge.data import latents as lat
+from latentforge.data.captions import choose_caption
 from latentforge.data.loader import Finalize, LatentLoader, finalize
 
 pytestmark = pytest.mark.slow
 
 COUNTS = [13, 7, 20, 1, 9, 16, 11, 0, 5]  # samples per part; an empty part too
 SHAPES = {"latent": [4, 4, 4], "text": [5, 8], "pooled": [8]}
+BUCKETS = [[4, 4, 4], [4, 2, 6], [4, 6, 2], [4, 2, 6], [4, 4, 4], [4, 6, 2], [4, 2, 6], [4, 4, 4], [4, 6, 2]]
 MICRO = 3
 SEED = 7
 SCALE, SHIFT = 0.5, 0.1
-KEYS = ("latents", "text", "pooled", "text_len", "mask", "part", "index")
+CAPTION_WEIGHTS = (1.0, 2.0)
+KEYS = ("latents", "text", "pooled", "text_len", "mask", "part", "index", "caption", "time_ids")
 
 
 def _loader(d: Path, rank: int, world: int, workers: int, position: dict | None) -> LatentLoader:
     m = lat.load_manifest(d)
     return LatentLoader(d, m["parts"], micro_batch=MICRO, seed=SEED, rank=rank, world_size=world,
                         num_workers=workers, prefetch_factor=2, scale=SCALE, shift=SHIFT, shapes=m["shapes"],
-                        position=position)
+                        position=position, caption_weights=CAPTION_WEIGHTS, default_size=(32, 32))
 
 
 def child(args: dict[str, Any]) -> None:
@@ -53,10 +57,14 @@ def child(args: dict[str, Any]) -> None:
     torch.save({"batches": batches, "state": loader.state_dict()}, args["out"])
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("latents")
-    lat.write_random_dataset(d, COUNTS, SHAPES, seed=1, with_std=True)
+@pytest.fixture(scope="module", params=["square", "buckets"])
+def dataset(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The square dataset, and one whose parts hold three buckets and two captions per sample."""
+    d = tmp_path_factory.mktemp(request.param)
+    if request.param == "square":
+        lat.write_random_dataset(d, COUNTS, SHAPES, seed=1, with_std=True)
+    else:
+        lat.write_random_dataset(d, COUNTS, SHAPES, seed=1, with_std=True, part_latents=BUCKETS, captions=2)
     return d
 
 
@@ -96,12 +104,18 @@ def run_chain(d: Path, tmp: Path, layouts: list[tuple[int, int]], rng: random.Ra
 
 def test_exactly_once_across_world_sizes_1_2_1(dataset: Path, tmp_path: Path) -> None:
     """1 rank -> 2 ranks -> 1 rank (no workers), interrupted at random points: every sample
-    of the epoch is seen exactly once, with its own data. (2 -> 2: the next test.)"""
+    of the epoch is seen exactly once, with its own data: latents, the caption the choice
+    names, its size and crop numbers. With buckets every micro-batch holds one shape, the
+    same on every rank at the same step. (2 -> 2: the next test.)"""
     rng = random.Random(2024)
     segments, cuts = run_chain(dataset, tmp_path, [(1, 2), (2, 2), (1, 0)], rng)
     seen: Counter = Counter()
-    parts = [lat.read_part(dataset / p["file"]) for p in lat.load_manifest(dataset)["parts"]]
+    manifest = lat.load_manifest(dataset)
+    parts = [lat.read_part(dataset / p["file"]) for p in manifest["parts"]]
     fin = Finalize(scale=SCALE, shift=SHIFT, seed=SEED)
+    for seg in segments:
+        for step in zip(*seg):  # the ranks' batches of one micro-step
+            assert len({tuple(b["latents"].shape) for b in step}) == 1
     for batches in (b for seg in segments for rank in seg for b in rank):
         for i in range(MICRO):
             if batches["mask"][i] == 0:
@@ -109,11 +123,16 @@ def test_exactly_once_across_world_sizes_1_2_1(dataset: Path, tmp_path: Path) ->
                 continue
             p, idx = int(batches["part"][i]), int(batches["index"][i])
             seen[(p, idx)] += 1
-            rec = parts[p][idx]
-            assert torch.equal(batches["text"][i], torch.from_numpy(rec.text))
-            assert torch.equal(batches["pooled"][i], torch.from_numpy(rec.pooled))
+            rec, c = parts[p][idx], int(batches["caption"][i])
+            assert c == choose_caption(SEED, 0, rec.key, 1 + len(rec.extra), CAPTION_WEIGHTS)
+            text, pooled = (rec.text, rec.pooled) if c == 0 else rec.extra[c - 1][1:]
+            assert torch.equal(batches["text"][i], torch.from_numpy(text))
+            assert torch.equal(batches["pooled"][i], torch.from_numpy(pooled))
             assert torch.equal(batches["latents"][i], finalize(rec.mean, rec.std, fin, 0, p, idx))
-            assert int(batches["text_len"][i]) == rec.meta["text_len"]
+            assert int(batches["text_len"][i]) == (rec.meta["text_lens"][c] if c else rec.meta["text_len"])
+            size = manifest["parts"][p].get("size", [32, 32])
+            assert batches["time_ids"][i].tolist() == [rec.meta["orig_height"], rec.meta["orig_width"],
+                                                       rec.meta["crop_top"], rec.meta["crop_left"], *size]
     nonempty = [n for n in COUNTS if n]
     expected = Counter((p, i) for p, n in enumerate(nonempty) for i in range(n))
     assert seen == expected, f"cuts {cuts}: missing {expected - seen}, repeated {seen - expected}"

@@ -53,6 +53,8 @@ def test_shipped_profile_builds_a_submitit_executor(name: str, tmp_path: Path, s
                 assert f"#SBATCH --{key}={getattr(prof, key)}" in text
         for k, v in prof.env.items():
             assert f"export {k}={v}" in text
+        # srun (Slurm 22.05-23.02) does not inherit --cpus-per-task: the tasks get it from here.
+        assert text.index(f"export SRUN_CPUS_PER_TASK={prof.cpus_per_task}") < text.index("srun ")
 
 
 def test_gpu_profile_maps_every_field(tmp_path: Path, srun_on_path: None) -> None:
@@ -67,6 +69,25 @@ def test_gpu_profile_maps_every_field(tmp_path: Path, srun_on_path: None) -> Non
         assert f"#SBATCH {line}" in text
     # env exports come before the setup lines, so setup may use them.
     assert text.index("export NCCL_ASYNC_ERROR_HANDLING=1") < text.index("nvidia-smi -L || true")
+
+
+def test_srun_cpus_per_task_reaches_every_slurm_submission(tmp_path: Path, srun_on_path: None) -> None:
+    """Train and precompute-array submissions export SRUN_CPUS_PER_TASK before srun; an
+    explicit env value wins; the local executor has no srun and gets none; and the plain
+    sbatch templates export it from the job's own --cpus-per-task before their srun."""
+    prof = load_profile("gpu-8x")
+    for kind in ("train", "precompute"):
+        text = prof.make_executor(tmp_path / kind, kind=kind)._executor._make_submission_file_text("cmd", "uid")
+        assert "#SBATCH --cpus-per-task=12" in text
+        assert text.index("export SRUN_CPUS_PER_TASK=12") < text.index("srun ")
+    own = Profile(cpus_per_task=4, env={"SRUN_CPUS_PER_TASK": "3"})
+    assert [line for line in own.setup_lines() if "SRUN_CPUS" in line] == ["export SRUN_CPUS_PER_TASK=3"]
+    assert not [line for line in Profile(executor="local").setup_lines() if "SRUN_CPUS" in line]
+    templates = sorted((PROFILES_DIR.parent / "templates").glob("*.sbatch"))
+    assert {t.stem for t in templates} == {"train", "eval", "precompute_array"}
+    for t in templates:
+        body = t.read_text()
+        assert body.index("export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}") < body.index("\nsrun "), t.name
 
 
 def test_constructor_only_parameters_stay_out_of_update_parameters() -> None:
@@ -110,7 +131,8 @@ def test_unknown_profile_name_lists_known_ones() -> None:
 def test_env_values_are_strings(tmp_path: Path) -> None:
     prof = load_profile(_write(tmp_path, "env: {A: 1, B: true, C: 'x y'}\nsetup: module load cuda\n"))
     assert prof.env == {"A": "1", "B": "1", "C": "x y"}
-    assert prof.setup_lines() == ["export A=1", "export B=1", "export C='x y'", "module load cuda"]
+    assert prof.setup_lines() == ["export A=1", "export B=1", "export C='x y'", "export SRUN_CPUS_PER_TASK=1",
+                                  "module load cuda"]
 
 
 def test_local_processes_profile_runs_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

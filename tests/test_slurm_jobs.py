@@ -260,3 +260,48 @@ def test_precompute_array_matches_local_precompute(cluster: SlurmCluster, tiny_d
     assert submit.wait_for(sub, poll_s=1.0, timeout_s=300, out=lines.append) == 0, "\n".join(lines)
     assert file_tree(latent) == local
     assert "[precompute] dataset: 256 written" in sub.jobs[0].stdout()  # the last task assembled it
+
+
+def test_precompute_array_over_sources_with_buckets_filters_and_captions(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Web-scale data through the same job array: two sources of non-square images with
+    aspect-ratio buckets, a metadata filter and two captions, 3 array tasks over their 5 raw
+    shards. Each source's latents equal a local precompute's byte for byte, each manifest is
+    assembled by the task that finished its source, and a task whose output went missing
+    is resubmitted alone."""
+    from latentforge.config import resolve
+    from latentforge.data import precompute, synth
+
+    synth.write_shards(tmp_path / "rawA", 36, 12, 32, seed=0, max_aspect=2.0, captions=2, metadata=True)
+    synth.write_shards(tmp_path / "rawB", 16, 8, 32, seed=1, max_aspect=2.0, captions=2, metadata=True)
+
+    def overrides(out: str) -> list[str]:
+        return [f"run_root={tmp_path / out}", f"data.latent_dir={tmp_path / out / 'latents'}",
+                "data.precompute_workers=0", "data.latent_samples_per_shard=8", "data.bucket_max_ratio=2",
+                "data.filter_min_aesthetic=4", "data.caption_fields=[captions]",
+                f"data.sources=[{{name: a, raw_shards: '{tmp_path}/rawA/*.tar'}}, "
+                f"{{name: b, raw_shards: '{tmp_path}/rawB/*.tar'}}]"]
+
+    precompute.run(resolve("tiny", None, overrides("local")))
+    local = {s: file_tree(tmp_path / "local" / "latents" / s) for s in ("a", "b")}
+    assert b"filtered_aesthetic" in local["a"]["manifest.json"] and b'"buckets"' in local["b"]["identity.json"]
+    ov = overrides("slurm")
+    sub = submit.submit_jobs("precompute", "local", "tiny", None, ov, num_tasks=3)
+    _SUBMITTED.extend(j.job_id for j in sub.jobs)
+    assert len(sub.records[0]["sources"]) == 2
+    lines: list[str] = []
+    assert submit.wait_for(sub, poll_s=1.0, timeout_s=400, out=lines.append) == 0, "\n".join(lines)
+    latents = tmp_path / "slurm" / "latents"
+    assert {s: file_tree(latents / s) for s in ("a", "b")} == local
+    text = status.status(tmp_path / "slurm" / "precompute_jobs")
+    assert "raw shards done: 5/5; tasks finished: 3/3" in text and "assembled (2/2 sources)" in text
+
+    # Task 1 (shard 00002 of source a, shard 00000 of b) loses its output: only it is resubmitted.
+    for p in [*(latents / "a" / "shards").glob("00002*"), *(latents / "b" / "shards").glob("00000*"),
+              latents / "a" / "manifest.json", latents / "b" / "manifest.json"]:
+        p.unlink()
+    assert "unfinished tasks: 1" in status.status(tmp_path / "slurm" / "precompute_jobs")
+    sub = submit.submit_jobs("precompute", "local", "tiny", None, ov, resubmit_failed=True)
+    _SUBMITTED.extend(j.job_id for j in sub.jobs)
+    assert sub.records[0]["task_indices"] == [1]
+    assert submit.wait_for(sub, poll_s=1.0, timeout_s=400, out=lines.append) == 0, "\n".join(lines)
+    assert {s: file_tree(latents / s) for s in ("a", "b")} == local

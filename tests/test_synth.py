@@ -189,3 +189,47 @@ def test_fixed_prompts_cover_every_shape_and_colour():
     assert len(set(everything)) == 972
     with pytest.raises(ValueError, match="n"):
         synth.fixed_prompts(973)
+
+
+def test_non_square_images_metadata_and_two_captions(tmp_path):
+    """The web-scale options: aspect ratios up to max_aspect (area about image_size**2), the
+    rendering on the image's own grid, filterable metadata and a rephrased caption; the
+    square dataset is unchanged when they are off."""
+    from latentforge.eval import adherence
+
+    ratios, sizes = [], []
+    for i in range(60):
+        key, files = synth.make_sample(i, 64, seed=2, max_aspect=2.0, captions=2, metadata=True)
+        meta = json.loads(files["json"])
+        im = Image.open(io.BytesIO(files["png"]))
+        assert im.size == (meta["width"], meta["height"])
+        ratios.append(max(im.size) / min(im.size))
+        sizes.append(im.size[0] * im.size[1])
+        assert meta["captions"] == [files["txt"].decode(), synth.rephrase(synth.parse_caption(meta["caption"]))]
+        k = meta["original_width"] // meta["width"]
+        assert 1 <= k <= 8 and meta["original_height"] == meta["height"] * k
+        assert 3 <= meta["aesthetic"] <= 8 and 0 <= meta["pwatermark"] <= 1 and 0 <= meta["punsafe"] <= 1
+        # The same shape, colour and place as the square dataset's sample: only the canvas differs.
+        _, square = synth.make_sample(i, 64, seed=2)
+        assert json.loads(square["json"])["spec"] == meta["spec"]
+    assert max(ratios) <= 2.0 + 0.05 and max(ratios) > 1.5 and min(ratios) < 1.2
+    assert all(abs(s / 64 ** 2 - 1) < 0.1 for s in sizes)
+    # The shapes stay detectable on a non-square canvas cropped to a square.
+    key, files = synth.make_sample(7, 96, seed=0, max_aspect=1.3)
+    im = Image.open(io.BytesIO(files["png"]))
+    spec = synth.parse_caption(files["txt"].decode())
+    got = adherence.score([np.asarray(im.resize((96, 96)))], [synth.caption(spec)])
+    assert got["count"] == 1
+    # Off by default: byte for byte the square sample.
+    assert synth.make_sample(3, 32, 0, 1.0, 1, False) == synth.make_sample(3, 32, 0)
+
+
+def test_stamp_names_only_options_that_are_on(tmp_path):
+    synth.ensure_shards(tmp_path / "a", 8, 4, 16, 0)
+    assert set(json.loads((tmp_path / "a" / synth.STAMP).read_text())) == {
+        "num_samples", "samples_per_shard", "image_size", "seed", "version"}
+    synth.ensure_shards(tmp_path / "b", 8, 4, 16, 0, max_aspect=2.0, metadata=True)
+    stamp = json.loads((tmp_path / "b" / synth.STAMP).read_text())
+    assert stamp["max_aspect"] == 2.0 and stamp["metadata"] is True and "captions" not in stamp
+    with pytest.raises(ValueError, match="max_aspect: 2.0 -> None"):
+        synth.ensure_shards(tmp_path / "b", 8, 4, 16, 0)

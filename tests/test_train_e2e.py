@@ -52,7 +52,9 @@ def test_loss_goes_down_and_mlflow_holds_the_metrics(two_rank_run):
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == [5, 10, 15, 20, 25, 30]
-    assert loss[-1] < 0.8 * loss[0], loss
+    # 30 steps take the loss from about 1.08 to 0.95. (It once read 0.8x: the loader used to
+    # leave rank 1 half an epoch of padding rows, which entered train/loss as zeros.)
+    assert loss[-1] < 0.9 * loss[0], loss
     for name in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
                  "eval/loss_t250", "eval/loss_t750"):
         assert client.get_metric_history(run.info.run_id, name), name

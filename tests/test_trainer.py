@@ -161,7 +161,9 @@ def test_zero_stage_trains_with_loss_going_down(train_run, stage):
     loss = losses(log)
     assert sorted(loss) == [4, 8, 12, 16], log[-2000:]
     first, last = loss[4], (loss[12] + loss[16]) / 2
-    assert last < 0.8 * first, loss
+    # About 1.09 -> 0.99 in 16 steps. (It once read 0.8x: the loader used to give rank 1 half
+    # an epoch of padding rows, which entered train/loss as zeros; now neither happens.)
+    assert last < 0.95 * first, loss
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
     tag_dir = run_dir / "checkpoints" / "step_00000016"

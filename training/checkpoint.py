@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ from latentforge.training.state import TrainState
 
 log = get_logger("checkpoint")
 
+# While rank 0 checks and converts a checkpoint to its universal form (for a large one this
+# outlasts train.collective_timeout_s), the other ranks wait on this file, not inside a
+# collective: rank 0 rewrites a counter in it every few seconds, then writes "done".
+HEARTBEAT = ".universal_heartbeat"
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in a weights-only loadable form (tensors, ints, floats)."""
@@ -368,13 +373,16 @@ def _lost_marker(run_dir: Path) -> list[tuple[str, str]]:
             for n in names if n and (d / n).is_dir() and not (d / n / COMPLETE).is_file()]
 
 
-def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool = True) -> ResumePlan | None:
+def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool = True,
+                   timeout_s: float = 600.0) -> ResumePlan | None:
     """Collective. Choose the newest intact checkpoint and make it loadable.
 
     Rank 0 removes crashed saves. Then, from the newest checkpoint down: when the plan
     needs a universal form that is not there, rank 0 checks the source and converts it
-    while the other ranks wait (bounded by train.collective_timeout_s; convert a very large
-    checkpoint ahead of time with `latentforge ckpt universal RUN_DIR`); every rank checks
+    while the other ranks wait on its heartbeat file for as long as it beats (`_convert`:
+    the conversion itself may take longer than train.collective_timeout_s, `timeout_s`,
+    which bounds only a silence of rank 0; `latentforge ckpt universal RUN_DIR` converts
+    ahead of time); every rank checks
     the files the load will read (sizes; content hashes with `hashes`, the ranks sharing
     the files) and the ranks agree. A damaged folder is renamed aside with one warning
     line and the next older checkpoint is tried; `latest` is repointed to the one chosen.
@@ -383,6 +391,7 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool
     if dist.is_main():
         for name in clean_partial(run_dir):
             log.info(f"removed incomplete {d / name} (a crashed save)")
+        (d / HEARTBEAT).unlink(missing_ok=True)  # an earlier job's
     dist.barrier()
     fallback: list[str] = []
     while True:
@@ -392,7 +401,7 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool
                    and not (d / plan.load_tag / COMPLETE).is_file())
         dist.barrier()  # every rank has read the folder's state before rank 0 changes it
         if convert:
-            problems = _convert(run_dir, plan, hashes)
+            problems = _convert(run_dir, plan, hashes, timeout_s)
         if plan is not None and not problems:
             problems = sorted({p for per_rank in dist.all_gather_object(_check_share(run_dir, plan, hashes))
                                for p in per_rank})  # every rank checks sizes: one line per problem
@@ -424,23 +433,84 @@ def prepare_resume(run_dir: Path, world_size: int, zero_stage: int, hashes: bool
     return plan
 
 
-def _convert(run_dir: Path, plan: ResumePlan, hashes: bool) -> list[tuple[str, str]]:
+def _convert(run_dir: Path, plan: ResumePlan, hashes: bool, timeout_s: float) -> list[tuple[str, str]]:
     """Collective. Rank 0 checks the source of the universal form `plan` loads and converts
-    it. Returns the source's problems (then nothing was converted), the same on every rank."""
+    it, beating HEARTBEAT; the other ranks wait on that file (`wait_for_main`) rather than
+    in a collective bounded by `timeout_s`, then every rank learns the outcome. Returns the
+    source's problems (then nothing was converted), the same on every rank."""
     result: Any = []
+    beat = ckpt_dir(run_dir) / HEARTBEAT
+    what = f"checking and converting {ckpt_dir(run_dir) / plan.tag} to its universal form"
     if dist.is_main():
-        status = check(ckpt_dir(run_dir) / plan.tag, hashes)
-        if not status.ok:
-            result = [(plan.tag, p) for p in status.problems]
-        else:
-            try:
-                make_universal(run_dir, plan.tag, hashes=False)  # just checked
-            except Exception as e:  # the other ranks wait in the broadcast: tell them, one line
-                result = f"converting {plan.tag} to its universal form failed: {e}"
+        with Heartbeat(beat, what):
+            status = check(ckpt_dir(run_dir) / plan.tag, hashes)
+            if not status.ok:
+                result = [(plan.tag, p) for p in status.problems]
+            else:
+                try:
+                    make_universal(run_dir, plan.tag, hashes=False)  # just checked
+                except Exception as e:  # the other ranks learn it from the broadcast: one line
+                    result = f"converting {plan.tag} to its universal form failed: {e}"
+    else:
+        wait_for_main(beat, timeout_s, what)
     result = dist.broadcast_object(result)
+    if dist.is_main():
+        beat.unlink(missing_ok=True)  # every rank is past its wait: a next conversion starts afresh
     if isinstance(result, str):
         raise AbortError(result)
     return result
+
+
+class Heartbeat:
+    """Rank 0's sign of life for ranks that wait on the file system: while the block runs,
+    a counter rewritten in `path` every `beat_s` (and a progress line every `progress_s`);
+    at its end, "done"."""
+
+    def __init__(self, path: Path, what: str, beat_s: float = 2.0, progress_s: float = 30.0):
+        self.path, self.what, self.beat_s, self.progress_s = Path(path), what, beat_s, progress_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="latentforge-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.t0 = time.monotonic()
+        atomic_write(self.path, "0")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        atomic_write(self.path, "done")
+
+    def _beat(self) -> None:
+        n, last_log = 0, self.t0
+        while not self._stop.wait(self.beat_s):
+            n += 1
+            atomic_write(self.path, str(n))
+            if time.monotonic() - last_log >= self.progress_s:
+                last_log = time.monotonic()
+                log.info(f"{self.what}: {last_log - self.t0:.0f} s so far (the other ranks wait)")
+
+
+def wait_for_main(path: Path, timeout_s: float, what: str, poll_s: float = 1.0) -> None:
+    """Block until rank 0's `Heartbeat` at `path` says "done". Raises AbortError when the
+    heartbeat has not changed for `timeout_s`: rank 0 died or hangs."""
+    last: str | None = None
+    changed = time.monotonic()
+    while True:
+        try:
+            beat = path.read_text()
+        except FileNotFoundError:  # not started yet
+            beat = None
+        if beat == "done":
+            return
+        now = time.monotonic()
+        if beat != last:
+            last, changed = beat, now
+        elif now - changed > timeout_s:
+            raise AbortError(f"rank 0 showed no progress {what} for {timeout_s:.0f} s "
+                             f"(train.collective_timeout_s): it died or hangs")
+        time.sleep(poll_s)  # a file poll: rank 0 is busy, there is nothing else to do
 
 
 def _load_rng(rank_file: Path) -> None:

@@ -9,6 +9,10 @@ place, behind a version check (training/engine.py owns the public calls).
   `fp32_partitioned_groups_flat` (one fp32 copy of the weights instead of two).
 - `ds_to_universal`: `deepspeed.checkpoint.ds_to_universal.main`, the converter behind
   DeepSpeed's CLI, called with its argparse namespace.
+- `fp32_fragment`, `fp32_master_groups`: where the fp32 master weights live under bf16/fp16
+  (for the EMA): ZeRO 1/2's per-parameter `_hp_mapping` (a tensor_fragment into the
+  optimizer's flat fp32 partition), ZeRO 0's FP16_Optimizer `fp16_groups` /
+  `fp32_groups_flat`. (ZeRO-3's is DeepSpeed's public `safe_get_local_fp32_param`.)
 - `install_checkpoint_io`: the engine's `checkpoint_engine` (TorchCheckpointEngine,
   deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py). Its `save` is replaced
   by one that hashes and fsyncs each file as it is written; its `load`, which calls
@@ -172,6 +176,21 @@ def share_fp32_master(ds_engine: Any) -> None:
         if (lp is not None and master.numel() == lp.numel() and lp.dtype == master.dtype
                 and lp.device == master.device and lp.data_ptr() != master.data_ptr()):
             master.data = lp.data  # the optimizer keeps the same Parameter object (and its state key)
+
+
+def fp32_fragment(param: torch.nn.Parameter) -> tuple[int, torch.Tensor] | None:
+    """ZeRO 1/2: (offset in the flattened parameter, fp32 view) of the part of `param`'s fp32
+    master weights this rank's optimizer partition holds; None when it holds none."""
+    if not hasattr(param, "_hp_mapping"):
+        raise RuntimeError("DeepSpeed's ZeRO optimizer left no fp32 master mapping (_hp_mapping) on a parameter")
+    h = param._hp_mapping
+    return None if h is None else (int(h.lp_fragment_address.start), h.get_hp_fragment())
+
+
+def fp32_master_groups(ds_optimizer: Any) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
+    """ZeRO 0 under bf16/fp16 (DeepSpeed's FP16_Optimizer): for each parameter group, its
+    parameters in the order they were flattened (no padding) and its flat fp32 master."""
+    return list(zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat))
 
 
 def ds_to_universal(src: Path, out: Path) -> None:

@@ -414,17 +414,24 @@ def bucket_timesteps(buckets: int, schedule: Schedule) -> list[int]:
 
 @torch.no_grad()
 def heldout_loss(model_fn: ModelFn, x0: torch.Tensor, cond: Any, cfg: DiffusionConfig, schedule: Schedule,
-                 buckets: int, generator: torch.Generator) -> dict[str, float]:
+                 buckets: int, generator: torch.Generator, batch_size: int | None = None) -> dict[str, float]:
     """Unweighted denoising loss (MSE to the prediction target, mean over samples and
     C, H, W) at fixed timestep buckets, for `eval/loss_t{bucket}`.
 
     One noise draw (plain N(0, I): the forward process the sampler inverts, without the
     offset-noise training trick) is shared by all buckets, so the buckets differ only in t.
+    The model sees at most `batch_size` samples per call (None: all at once); the noise is
+    drawn for all samples first, so the result does not depend on the batch size (up to
+    fp32 summation order). `cond`: a dict of (N, ...) tensors, cut like x0 (anything else is
+    passed as it is).
     Returns {"loss_t125": ..., "loss_t375": ..., ...} keyed by the model's timestep.
     """
     _check_cfg(cfg, schedule)
     _check_generator(generator)
     n = x0.shape[0]
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"eval.heldout_batch_size: must be >= 1, got {batch_size}")
+    bs = n if batch_size is None else batch_size
     eps = torch.randn(tuple(x0.shape), generator=generator).to(device=x0.device, dtype=x0.dtype)
     out: dict[str, float] = {}
     for tb in bucket_timesteps(buckets, schedule):
@@ -432,8 +439,13 @@ def heldout_loss(model_fn: ModelFn, x0: torch.Tensor, cond: Any, cfg: DiffusionC
             t = torch.full((n,), float(tb), dtype=torch.float32)
         else:
             t = torch.full((n,), tb, dtype=torch.long)
-        x_t = add_noise(x0, eps, t, schedule)
-        pred = model_fn(x_t, t.to(x0.device), cond)
-        tgt = target(schedule.prediction, x0.float(), eps.float(), t, schedule)
-        out[f"loss_t{tb}"] = float(((pred.float() - tgt) ** 2).mean())
+        sq_sum = 0.0  # sum of squared errors over samples and elements, in float64
+        for i in range(0, n, bs):
+            x0_b, eps_b, t_b = x0[i:i + bs], eps[i:i + bs], t[i:i + bs]
+            x_t = add_noise(x0_b, eps_b, t_b, schedule)
+            cond_b = {k: v[i:i + bs] for k, v in cond.items()} if isinstance(cond, dict) else cond
+            pred = model_fn(x_t, t_b.to(x0.device), cond_b)
+            tgt = target(schedule.prediction, x0_b.float(), eps_b.float(), t_b, schedule)
+            sq_sum += float(((pred.float() - tgt) ** 2).sum(dtype=torch.float64))
+        out[f"loss_t{tb}"] = sq_sum / max(1, x0.numel())
     return out

@@ -25,6 +25,7 @@ from latentforge.env import bind_gloo_interface, free_port
 from latentforge.fileio import atomic_write
 from latentforge.log import get_logger, quiet_prints, quiet_third_party
 from latentforge.training import deepspeed_compat as compat
+from latentforge.training.ema import Fragment
 
 log = get_logger("train")
 
@@ -44,10 +45,20 @@ def _deepspeed() -> Any:
 
 
 def precision(cfg: Config) -> str:
-    """`auto` is bf16 on CUDA and fp32 on CPU (bf16 matmuls are slower than fp32 on CPUs)."""
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "bf16" if dist.device().type == "cuda" else "fp32"
+    """train.precision for this device (latentforge.dist.train_precision: `auto` is bf16 on a
+    GPU with native bf16, fp16 on older GPUs, fp32 on CPU)."""
+    return dist.train_precision(cfg.train.precision)
+
+
+def _fp32_accumulation(prec: str, cfg: Config) -> bool:
+    """Whether DeepSpeed 0.19.8 accumulates gradients in fp32 (data_types.grad_accum_dtype)
+    for this precision and ZeRO stage without changing optimizer: ZeRO 2 and 3 (and 1 with
+    offload, and 1 under fp16) pass it to their ZeRO optimizer. ZeRO 0 refuses a
+    half-precision model with fp32 accumulation ("unsupported mix"), and bf16 ZeRO 1 without
+    offload would move to DeepSpeed's BF16_Optimizer, whose checkpoints carry no ZeRO stage
+    for zero_to_fp32 (export, eval) to read."""
+    stage = cfg.train.zero_stage
+    return stage >= 2 or (stage == 1 and (cfg.train.offload_optimizer or prec == "fp16"))
 
 
 def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
@@ -56,8 +67,6 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
     micro, accum = batch_split(cfg, world_size)
     prec = precision(cfg)
     cuda = dist.device().type == "cuda"
-    if prec == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 (dynamic loss scaling) is for CUDA; use fp32 or bf16 on CPU")
     zero: dict[str, Any] = {
         "stage": cfg.train.zero_stage,
         "contiguous_gradients": True,
@@ -75,6 +84,18 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
         if cfg.train.zero_stage == 0:
             raise ConfigError("train.offload_optimizer: ZeRO-Offload needs train.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    half: dict[str, Any] = {}
+    if prec in ("bf16", "fp16"):
+        # Gradients are reduced over ranks in fp32 (DeepSpeed's default is the model dtype:
+        # a bf16 sum over 32+ ranks keeps 8 bits of mantissa) and, where DeepSpeed allows it,
+        # accumulated over micro-batches in fp32 (see _fp32_accumulation).
+        half["communication_data_type"] = "fp32"
+        if _fp32_accumulation(prec, cfg):
+            half["data_types"] = {"grad_accum_dtype": "fp32"}
+        elif accum > 1:
+            raise ConfigError(f"train.zero_stage: {prec} with gradient accumulation ({accum} micro-batches) "
+                              f"would accumulate in {prec} at ZeRO stage {cfg.train.zero_stage}; use "
+                              f"train.zero_stage=2 (or 3), or train.micro_batch_size=0")
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -85,6 +106,7 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
         # not finite (check_grad_overflow). fp16: dynamic loss scaling from 2**16.
         "bf16": {"enabled": prec == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        **half,
         # Our client AdamW (torch) runs the offloaded step on the CPU; DeepSpeedCPUAdam would
         # need a compiled op, and this build of deepspeed ships none.
         "zero_force_ds_cpu_optimizer": False,
@@ -109,6 +131,23 @@ def lr_at(cfg: Config, step: int) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def bind_device_env() -> None:
+    """Make DeepSpeed use the GPU latentforge.dist chose. DeepSpeed 0.19.8 reads
+    os.environ["LOCAL_RANK"] as the CUDA ordinal: deepspeed.initialize calls
+    set_device(LOCAL_RANK) (DeepSpeedEngine._set_distributed_vars), init_process_group binds
+    device_id=cuda:LOCAL_RANK (comm/torch.py), ZeRO-3 allocates on cuda:LOCAL_RANK
+    (zero/partition_parameters.py, zero/utils.py). Under per-task GPU binding each task sees
+    one GPU, and LOCAL_RANK 1..7 are invalid ordinals (DeepSpeed PR #3165). So LOCAL_RANK
+    becomes the ordinal; the launcher's value stays in dist.NODE_LOCAL_RANK for
+    latentforge.dist. DeepSpeed's other readings of LOCAL_RANK (node-local checkpoint
+    storage, serial checkpoint loading) are off in our ds_config. A no-op on CPU."""
+    dev = dist.device()  # refuses more ranks than GPUs, with both counts
+    if dev.type != "cuda":
+        return
+    os.environ.setdefault(dist.NODE_LOCAL_RANK, str(dist.local_rank()))
+    os.environ["LOCAL_RANK"] = str(dev.index)
+
+
 def init_distributed(timeout_s: float) -> None:
     """Join the process group (env:// from RANK/WORLD_SIZE/MASTER_*). A lone process gets a
     one-rank group on loopback, so the same code path runs everywhere. `timeout_s` bounds
@@ -125,6 +164,7 @@ def init_distributed(timeout_s: float) -> None:
         log.info(network)
     import datetime
 
+    bind_device_env()
     deepspeed = _deepspeed()
     if dist.device().type == "cuda":
         torch.cuda.set_device(dist.device())
@@ -212,14 +252,44 @@ class Engine:
     def zero3(self) -> bool:
         return self.cfg.train.zero_stage == 3
 
-    def ema_parameters(self) -> dict[str, torch.Tensor]:
-        """name -> this rank's copy of each trainable parameter: the parameter itself below
-        ZeRO-3; under ZeRO-3 its flat partition (p.ds_tensor, (ceil(n / N),)), which the
-        optimizer step has just updated. No communication."""
-        params = ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+    def ema_parameters(self) -> dict[str, Any]:
+        """name -> what the EMA averages for each trainable parameter (training/ema.py), read
+        where the optimizer has just written it; no communication.
+
+        fp32: the parameter itself below ZeRO-3; under ZeRO-3 its flat partition
+        (p.ds_tensor, (ceil(n / N),)). bf16/fp16: the optimizer's fp32 master weights, never
+        the rounded module weights: under ZeRO-3 the fp32 partition (same layout), under
+        ZeRO 1/2 this rank's `Fragment` of the flat fp32 partition, under ZeRO 0 the whole
+        fp32 master (where they live: training/deepspeed_compat.py)."""
+        params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.dtype == torch.float32:
+            if self.zero3:
+                return {n: p.ds_tensor for n, p in params}
+            return dict(params)
         if self.zero3:
-            return {n: p.ds_tensor for n, p in params}
-        return dict(params)
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return {n: safe_get_local_fp32_param(p) for n, p in params}
+        if self.cfg.train.zero_stage == 0:
+            return self._stage0_master(params)
+        out: dict[str, Any] = {}
+        for n, p in params:
+            frag = compat.fp32_fragment(p)  # None: no element of this parameter is in this rank's partition
+            start, values = frag if frag is not None else (0, torch.empty(0))
+            out[n] = Fragment(tuple(p.shape), start, values)
+        return out
+
+    def _stage0_master(self, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """ZeRO 0 under bf16/fp16 (DeepSpeed's FP16_Optimizer): views of each group's flat fp32
+        master, cut in the order the group's parameters were flattened (no padding)."""
+        names = {id(p): n for n, p in params}
+        out: dict[str, torch.Tensor] = {}
+        for group, flat in compat.fp32_master_groups(self.ds.optimizer):
+            offset = 0
+            for p in group:
+                out[names[id(p)]] = flat[offset:offset + p.numel()].view(p.shape)
+                offset += p.numel()
+        return out
 
     def ema_layout(self) -> dict[str, Any] | None:
         """How `ema_parameters()` splits each parameter over ranks (see training/ema.py);
@@ -272,6 +342,8 @@ class Engine:
             compat.set_load_universal(self.ds, False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        if universal:
+            place_optimizer_steps(self.client_optimizer)
         return client or {}
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -285,6 +357,23 @@ class Engine:
                 for k, v in opt.state.get(p, {}).items():
                     out[f"{gi}.{pi}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
         return out
+
+
+def place_optimizer_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's Adam step counter where torch's fused (or capturable) AdamW
+    wants it: a float32 tensor on the parameter's device. A universal load sets
+    `state["step"]` straight from the file (base_optimizer.py / stage3.py
+    load_hp_checkpoint_state...), as saved: a CPU tensor (or a number), which the fused
+    CUDA kernel refuses. torch's own Optimizer.load_state_dict does the same conversion."""
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                step = state["step"]
+                step = step if torch.is_tensor(step) else torch.tensor(float(step))
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:

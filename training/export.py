@@ -21,9 +21,10 @@ diffusers-format U-Nets; LoRA runs also get diffusers-loadable adapter weights.
       config.yaml        the run's resolved config
       null_text.npz      the empty caption's embedding (the unconditional input for CFG)
       latentforge.json   what a sampler needs besides the U-Net (text encoder, codec, scale,
-                         shift, diffusion settings), which folder holds which U-Net ("unets"),
-                         whether it is a pipeline and if not why ("pipeline_reason"), LoRA, and
-                         where the weights came from
+                         shift, diffusion settings, the sizes it was trained at ("buckets"),
+                         whether it takes SD-XL's size/crop micro-conditioning), which folder
+                         holds which U-Net ("unets"), whether it is a pipeline and if not why
+                         ("pipeline_reason"), LoRA, and where the weights came from
 
     LoRA runs (model.lora_rank > 0)
       pytorch_lora_weights.safetensors       the adapters (EMA if kept) in diffusers' layout:
@@ -93,6 +94,9 @@ def pipeline_reason(cfg: config_mod.Config, state: TrainState) -> str | None:
     if cfg.model.pooled_text_conditioning:
         return ("model.pooled_text_conditioning: the U-Net takes the pooled text embedding as class labels, which "
                 "StableDiffusionPipeline does not pass")
+    if cfg.model.micro_conditioning:
+        return ("model.micro_conditioning: the U-Net takes SD-XL's size/crop time_ids with the pooled text "
+                "embedding, which StableDiffusionPipeline does not pass (`latentforge sample --size` does)")
     return None
 
 
@@ -197,6 +201,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, merge_l
             "lora": lora_meta,
             "init_from": state.init_from,
             "shapes": state.shapes,
+            "resolution": cfg.data.resolution,  # the nominal (height = width) size of a square run
+            "buckets": state.buckets,  # [{"size": [H, W], "latent": [C, h, w], "count"}]; [] = square only
+            "micro_conditioning": cfg.model.micro_conditioning,  # time_ids (orig h, w, crop top, left, target h, w)
             "text_encoder": {**config_mod.to_dict(cfg.text), "identity": state.identity.get("text")},
             "codec": {**config_mod.to_dict(cfg.codec), "identity": state.identity.get("codec")},
             "scale": state.scale,

@@ -126,18 +126,20 @@ def preflight(cfg: Config, shapes: dict[str, list[int]] | None = None) -> None:
     if not cfg.model.init_from:
         return
     from latentforge.data import latents as lat
+    from latentforge.data.sources import sources_of
     from latentforge.training.unet import attention_projections, unet_kwargs
 
+    latent_dir = sources_of(cfg)[0].latent_dir  # data.latent_dir, or the first of data.sources (same encoders)
     if shapes is None:
-        if not (cfg.resolved_latent_dir / lat.MANIFEST).is_file():
+        if not (latent_dir / lat.MANIFEST).is_file():
             return  # no latents yet (a precompute still running): the ranks check when they open them
-        shapes = lat.load_manifest(cfg.resolved_latent_dir)["shapes"]
+        shapes = lat.load_manifest(latent_dir)["shapes"]
     src = sources.locate(cfg.model.init_from)
     sc = source_unet_config(src)
     where = f"{KEY}: {src.describe()}"
     C, h, _ = shapes["latent"]
     D, P = shapes["text"][-1], shapes["pooled"][-1]
-    data = f"the latents in {cfg.resolved_latent_dir}"
+    data = f"the latents in {latent_dir}"
     problems = []
     if sc.get("in_channels") != C or sc.get("out_channels") != C:
         problems.append(f"{where} has in/out channels {sc.get('in_channels')}/{sc.get('out_channels')}; "

@@ -26,7 +26,8 @@ from latentforge import dist
 from latentforge.config import AbortError, Config, ConfigError
 from latentforge.data import latents as lat
 from latentforge.data.encoders import Encoders, build_encoders
-from latentforge.data.loader import LatentLoader, split_parts
+from latentforge.data.loader import LatentLoader
+from latentforge.data.sources import open_dataset, training_set_id
 from latentforge.log import Progress, StartupClock, get_logger
 from latentforge.training import checkpoint, init_from
 from latentforge.training import engine as eng
@@ -94,22 +95,23 @@ class LatentData:
     """The latent dataset as the loop sees it: checked against the encoders, split."""
 
     directory: Path
-    shapes: dict[str, list[int]]  # {"latent": [C, h, w], "text": [L, D], "pooled": [P]}
+    identity: dict[str, Any]  # what made the latents (the manifest's), with the dtypes precompute resolved
+    shapes: dict[str, list[int]]  # {"latent": [C, h, w] (the nominal bucket's), "text": [L, D], "pooled": [P]}
     train_parts: list[dict]
     heldout_parts: list[dict]
     null_text: tuple[torch.Tensor, torch.Tensor]  # (L, D), (P,): the empty caption's embedding
-    dataset: str  # identity of the training parts (latents.dataset_id), recorded in the loader position
+    dataset: str  # identity of the training parts (sources.training_set_id), recorded in the loader position
+    sources: list[dict[str, Any]]  # [{"name", "weight"}] (data/sources.py)
+    buckets: list[dict[str, Any]]  # [{"size": [H, W], "latent": [C, h, w], "count"}]; [] = square only
 
 
 def open_latents(cfg: Config, encoders: Encoders) -> LatentData:
-    """The manifest, refused when its identity differs from the encoders' (one line)."""
-    directory = cfg.resolved_latent_dir
-    manifest = lat.load_manifest(directory)
-    lat.check_identity(manifest, encoders.identity(cfg), str(directory / lat.MANIFEST))
-    train_parts, heldout_parts = split_parts(manifest, cfg.data.heldout_shards)
-    null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(directory))
-    return LatentData(directory, manifest["shapes"], train_parts, heldout_parts, (null_tokens, null_pooled),
-                      lat.dataset_id(directory, manifest, train_parts))
+    """Every source's manifest, refused when its identity differs from the encoders' (one
+    line). An "auto" encoder dtype accepts the one precompute recorded, on whatever device it ran."""
+    ds = open_dataset(cfg, encoders)
+    null_tokens, null_pooled = (torch.from_numpy(a) for a in lat.load_null_text(ds.directory))
+    return LatentData(ds.directory, ds.identity, ds.shapes, ds.train_parts, ds.heldout_parts,
+                      (null_tokens, null_pooled), ds.dataset, ds.loader_sources(), ds.buckets)
 
 
 def preflight(cfg: Config) -> None:
@@ -118,7 +120,7 @@ def preflight(cfg: Config) -> None:
     and a resume on another latent set than the checkpoint's. One ConfigError, a line per
     problem."""
     problems = []
-    run_dir, directory = cfg.resolved_run_dir, cfg.resolved_latent_dir
+    run_dir = cfg.resolved_run_dir
     tag = checkpoint.latest_tag(run_dir)
     try:
         if tag is None:  # a resumed run's own checkpoint wins: the source is not read again
@@ -126,13 +128,12 @@ def preflight(cfg: Config) -> None:
     except ConfigError as e:
         problems.append(str(e))
     saved = checkpoint.meta(run_dir, tag).get("dataset") if tag else None
-    if saved and (directory / lat.MANIFEST).is_file():
-        manifest = lat.load_manifest(directory)
-        now = lat.dataset_id(directory, manifest, split_parts(manifest, cfg.data.heldout_shards)[0])
-        if now != saved:
-            problems.append(f"data.latent_dir: {run_dir / checkpoint.CKPT / tag} was trained on latent set {saved}; "
-                            f"{directory} holds {now} (other parts, counts or contents). Resume on the same latents, "
-                            f"or start a new run from this one (model.init_from={run_dir})")
+    now = training_set_id(cfg) if saved else None  # None: not precomputed (yet)
+    if saved and now is not None and now != saved:
+        where = "data.sources" if cfg.data.sources else "data.latent_dir"
+        problems.append(f"{where}: {run_dir / checkpoint.CKPT / tag} was trained on latent set {saved}; "
+                        f"{cfg.resolved_latent_dir} holds {now} (other parts, counts or contents). Resume on the "
+                        f"same latents, or start a new run from this one (model.init_from={run_dir})")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -143,7 +144,9 @@ def build_loader(cfg: Config, latents: LatentData, codec: Any, position: dict | 
     return LatentLoader(latents.directory, latents.train_parts, micro_batch=micro_batch, seed=cfg.train.seed,
                         rank=dist.rank(), world_size=dist.world_size(), num_workers=cfg.data.num_workers,
                         prefetch_factor=cfg.data.prefetch_factor, scale=codec.scale, shift=codec.shift,
-                        shapes=latents.shapes, position=position, dataset=latents.dataset)
+                        shapes=latents.shapes, position=position, dataset=latents.dataset, sources=latents.sources,
+                        epoch_samples=cfg.data.epoch_samples, caption_weights=cfg.data.caption_weights,
+                        default_size=(cfg.data.resolution, cfg.data.resolution))
 
 
 def build_model(cfg: Config, shapes: dict[str, list[int]], init: init_from.Prepared | None = None
@@ -222,10 +225,13 @@ class StepOutcome:
     skipped: torch.Tensor  # () device: 1.0 when a non-finite loss or gradient dropped the step on every rank
     overflowed: torch.Tensor  # () device: 1.0 when fp16 dropped the step while finding its loss scale
     wait_s: float  # time spent waiting for the loader
+    loss_rows: torch.Tensor  # () device: the loss summed over the real samples (padding rows add 0)
+    by_source: torch.Tensor | None = None  # (S,) host float64: real samples per source, with `part_source`
 
 
 def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: Config, schedule: Schedule,
-                   null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int) -> StepOutcome:
+                   null_text: tuple[torch.Tensor, torch.Tensor], step: int, accum: int,
+                   part_source: torch.Tensor | None = None) -> StepOutcome:
     """Forward and backward over the micro-batches of one optimizer step, then the step.
     No host sync and no collective beyond DeepSpeed's own.
 
@@ -239,10 +245,14 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
     null_tokens, null_pooled = (t.to(device, non_blocking=True) for t in null_text)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return unet_forward(engine, x.to(engine.dtype), t, {k: v.to(engine.dtype) for k, v in cond.items()})
+        # Size/crop numbers (up to thousands) stay f32: bf16 would round them.
+        return unet_forward(engine, x.to(engine.dtype), t,
+                            {k: v if k == "time_ids" else v.to(engine.dtype) for k, v in cond.items()})
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
     loss_sum = torch.zeros((), device=device)
+    loss_rows = torch.zeros((), device=device)
+    by_source = None if part_source is None else torch.zeros(int(part_source.max()) + 1, dtype=torch.float64)
     applied = torch.zeros((), device=device)
     samples, wait = 0.0, 0.0
     for micro in range(accum):
@@ -250,6 +260,9 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
         batch = next(batches)
         wait += time.perf_counter() - t_wait
         samples += float(batch["mask"].sum())  # host data, counted before it moves
+        if by_source is not None:
+            real = batch["mask"] > 0
+            by_source += torch.bincount(part_source[batch["part"][real]], minlength=len(by_source)).double()
         gen = step_generator(cfg.train.seed, dist.rank(), step, micro)
         # Host-to-device copies are asynchronous (the loader pins its batches on CUDA).
         x0 = batch["latents"].to(device, non_blocking=True)  # (B, C, h, w)
@@ -259,20 +272,21 @@ def optimizer_step(engine: eng.Engine, batches: Iterator[dict[str, Any]], cfg: C
                                    cfg.diffusion.cfg_dropout, gen, pooled=batch["pooled"].to(device, non_blocking=True),
                                    null_pooled=null_pooled)
         mask = batch["mask"].to(device, non_blocking=True)  # (B,) 0 for padding
-        loss = loss_fn(model_fn, x0, {"text": text, "pooled": pooled}, cfg.diffusion, schedule, gen,
-                       mask=mask)["loss"]
+        cond = {"text": text, "pooled": pooled, "time_ids": batch["time_ids"].to(device, non_blocking=True)}
+        loss = loss_fn(model_fn, x0, cond, cfg.diffusion, schedule, gen, mask=mask)["loss"]
         finite = torch.isfinite(loss)  # () bool, on the device
         bad |= ~finite
         engine.backward(loss * torch.where(finite, 1.0, float("nan")))
         applied = engine.step()
         loss_sum += torch.where(finite, loss.detach(), 0.0) / accum
+        loss_rows += torch.where(finite, loss.detach(), 0.0) * mask.shape[0]  # loss = sum over real rows / B
     dropped = applied == 0
     if engine.dtype == torch.float16:  # a dropped step without a bad loss is the loss scale's search
         skipped, overflowed = bad, dropped & ~bad
     else:
         skipped, overflowed = dropped, torch.zeros_like(dropped)
     return StepOutcome(loss=loss_sum, samples=samples, applied=applied, skipped=skipped.float(),
-                       overflowed=overflowed.float(), wait_s=wait)
+                       overflowed=overflowed.float(), wait_s=wait, loss_rows=loss_rows, by_source=by_source)
 
 
 @dataclass
@@ -321,13 +335,24 @@ class Tally:
     overflows: int  # fp16 loss-scale overflows so far
     flags: tuple[bool, bool, bool]  # stop, timed save, asked save: raised on any rank
     metrics: dict[str, float]  # the train/* window metrics (empty unless the window was closed)
+    by_source: list[int]  # `samples` per source (empty without data.sources)
+
+
+def count_samples(state: TrainState, tally: Tally, names: list[str]) -> dict[str, float]:
+    """Add the tally's samples to the state's counts; return train/samples_seen and, with
+    named sources, train/samples_seen/<source> (the totals since the run began)."""
+    state.samples_seen += tally.samples
+    for name, n in zip(names, tally.by_source):
+        state.samples_by_source[name] = state.samples_by_source.get(name, 0) + n
+    return {"train/samples_seen": float(state.samples_seen),
+            **{f"train/samples_seen/{k}": float(v) for k, v in state.samples_by_source.items()}}
 
 
 class Meter:
     """The train/* metrics of one logging window and the step outcomes since the last sync
     point, accumulated on the device without a host sync; this rank's share until `sync()`."""
 
-    def __init__(self, device: torch.device, max_nonfinite: int) -> None:
+    def __init__(self, device: torch.device, max_nonfinite: int, num_sources: int = 0) -> None:
         self.device, self.max_nonfinite = device, max_nonfinite
         self.run = self._scalar(0)  # consecutive dropped steps, ending at the latest step
         self.last_skipped, self.last_run = self._scalar(-1), self._scalar(0)  # the latest dropped step, its run
@@ -335,21 +360,23 @@ class Meter:
         self.overflows = self._scalar(0)  # fp16 loss-scale overflows so far
         self.skipped = self._scalar(0)  # dropped steps since the last sync point
         self.unsynced = 0.0  # samples not yet added to samples_seen
+        self.by_source = torch.zeros(num_sources, dtype=torch.float64)  # unsynced too, per source (host)
         self._open_window()
 
     def _scalar(self, value: float) -> torch.Tensor:
         return torch.full((), float(value), dtype=torch.float64, device=self.device)
 
     def _open_window(self) -> None:
-        self.loss, self.n_loss = self._scalar(0), self._scalar(0)  # loss sum and count of the applied steps
+        # The loss summed over the real samples of the applied steps, and their number.
+        self.loss, self.n_loss = self._scalar(0), self._scalar(0)
         self.samples, self.wait = 0.0, 0.0
         self.t0 = time.perf_counter()
 
     def add(self, out: StepOutcome, step: int) -> None:
         """Count one optimizer step (index `step`): device arithmetic only."""
         counted = 1 - out.skipped - out.overflowed  # 1.0 when the step's loss counts
-        self.loss += out.loss * counted
-        self.n_loss += counted
+        self.loss += out.loss_rows * counted
+        self.n_loss += counted * out.samples
         self.skipped += out.skipped
         self.overflows += out.overflowed
         self.run = (self.run + 1) * out.skipped  # consecutive dropped steps, ending at this one
@@ -361,19 +388,23 @@ class Meter:
         self.samples += out.samples
         self.unsynced += out.samples
         self.wait += out.wait_s
+        if out.by_source is not None:
+            self.by_source += out.by_source
 
     def sync(self, flags: list[float], close_window: bool) -> Tally:
         """Agree with the other ranks (one all-reduce, one read back): sums since the last
         sync point, the stop/save flags, and with `close_window` the window's metrics
         (then a new window opens). Collective."""
         world = dist.world_size()
-        host = torch.tensor([self.samples, self.wait, self.unsynced, *flags], dtype=torch.float64)
+        host = torch.cat([torch.tensor([self.samples, self.wait, self.unsynced, *flags], dtype=torch.float64),
+                          self.by_source])
         packed = torch.cat([torch.stack([self.loss, self.n_loss, self.skipped, self.last_skipped, self.last_run,
                                          self.abort_step, self.overflows]),
                             host.to(self.device, non_blocking=True)])
         s = dist.all_reduce_sum(packed).tolist()
         loss, n_loss, skipped, last_skipped, last_run, abort_step, overflows = s[:7]
-        samples, wait, unsynced, stop, timed, asked = s[7:]
+        samples, wait, unsynced, stop, timed, asked = s[7:13]
+        by_source = [int(round(v)) for v in s[13:]]
 
         def same(v: float) -> int:  # every rank held the same value
             return int(round(v / world))
@@ -382,17 +413,19 @@ class Meter:
         if close_window:
             elapsed = time.perf_counter() - self.t0
             metrics = {
-                # Mean over ranks and over the window's applied steps (dropped ones have no loss).
-                "train/loss": loss / world / (n_loss / world) if n_loss else float("nan"),
+                # Mean over the real samples of the window's applied steps (dropped ones have no
+                # loss; padding rows of the bucket schedule are no samples, so they do not dilute it).
+                "train/loss": loss / n_loss if n_loss else float("nan"),
                 "train/samples_per_s": samples / elapsed,
                 "train/data_wait_frac": wait / world / elapsed,
             }
             self._open_window()
         self.skipped.zero_()
         self.unsynced = 0.0
+        self.by_source.zero_()
         return Tally(samples=int(round(unsynced)), skipped=same(skipped), last_skipped=same(last_skipped),
                      run=same(last_run), abort_step=same(abort_step), overflows=same(overflows),
-                     flags=(stop > 0, timed > 0, asked > 0), metrics=metrics)
+                     flags=(stop > 0, timed > 0, asked > 0), metrics=metrics, by_source=by_source)
 
 
 def save_checkpoint(engine: eng.Engine, run_dir: Path, state: TrainState, data: LatentLoader, ema: EMA | None,
@@ -404,6 +437,54 @@ def save_checkpoint(engine: eng.Engine, run_dir: Path, state: TrainState, data: 
         data.state_dict(), ema.state_dict() if ema is not None else None, tracker.run_id)
     checkpoint.save(engine, run_dir, state, keep_last)
     tracker.sync()
+
+
+def check_nonfinite(cfg: Config, tally: Tally) -> None:
+    """Say which steps were dropped for a non-finite loss or gradient since the last sync
+    point; NonFiniteLossError once train.max_nonfinite_steps were dropped in a row."""
+    if tally.skipped:
+        log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped ({tally.run} in a row)"
+                 + (f"; {tally.skipped} skipped since the last report" if tally.skipped > 1 else ""))
+    if tally.abort_step >= 0:
+        n = cfg.train.max_nonfinite_steps
+        raise NonFiniteLossError(f"{n} consecutive non-finite losses at step {tally.abort_step} "
+                                 f"(train.max_nonfinite_steps={n}); lower optim.lr or check the data")
+
+
+def log_window(cfg: Config, step: int, tally: Tally, seen: dict[str, float], engine: eng.Engine,
+               data: LatentLoader, nonfinite_total: int, tracker: Tracker, progress: Progress) -> dict[str, float]:
+    """At a log step: the window's train/* metrics to MLflow and one progress line."""
+    metrics = {**tally.metrics, **seen, "train/lr": eng.lr_at(cfg, step - 1), "train/grad_norm": engine.grad_norm(),
+               "train/epoch": float(data.epoch), "train/padding_frac": data.padding_fraction,
+               "train/nonfinite_steps": float(nonfinite_total)}
+    if engine.dtype == torch.float16:
+        metrics["train/overflow_steps"] = float(tally.overflows)
+    tracker.log_metrics(metrics, step=step)
+    log.info(f"step {step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+             f"{metrics['train/samples_per_s']:.1f} samples/s data-wait {100 * metrics['train/data_wait_frac']:.1f}% "
+             f"{progress.describe(step)}")
+    return metrics
+
+
+def record_run(state: TrainState, cfg: Config, latents: LatentData, encoders: Encoders, init: Any) -> None:
+    """What export and stand-alone eval need without the latent directory, into the state
+    every checkpoint carries."""
+    state.shapes, state.identity, state.buckets = latents.shapes, latents.identity, latents.buckets
+    state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
+    state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
+    state.config_hash = config_mod.config_hash(cfg)
+    if init is not None:
+        state.init_from = init.record()
+
+
+def evaluate(evaluator: Any, engine: eng.Engine, ema: EMA | None, step: int, tracker: Tracker) -> bool:
+    """Run `evaluator` on the weights at `step` and log its metrics. False when a stop
+    signal interrupted it (at a batch boundary, on every rank at once)."""
+    try:
+        tracker.log_metrics(evaluator.run(engine, ema, step, tracker), step=step)
+        return True
+    except EvalInterrupted:
+        return False
 
 
 def stop_message(step: int, during: str = "") -> str:
@@ -431,7 +512,8 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     micro_batch, accum = config_mod.batch_split(cfg, world)
     # Resume is the default whenever the run directory holds a checkpoint. A different
     # world size (or ZeRO stage) goes through a universal checkpoint, converted here once.
-    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints)
+    resume = checkpoint.prepare_resume(run_dir, world, cfg.train.zero_stage, hashes=cfg.train.verify_checkpoints,
+                                       timeout_s=cfg.train.collective_timeout_s)
     clock.mark("process group")
 
     # Encoders: the manifest check needs their identity; eval needs the text encoder for
@@ -456,13 +538,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
     state = restore(engine, ema, run_dir, resume, world, cfg)
     clock.mark("checkpoint load")
     data = build_loader(cfg, latents, encoders.codec, state.loader, micro_batch)
-    # What export and stand-alone eval need without the latent directory.
-    state.shapes, state.identity = shapes, encoders.identity(cfg)
-    state.null_text = {"tokens": latents.null_text[0], "pooled": latents.null_text[1]}
-    state.scale, state.shift = encoders.codec.scale, encoders.codec.shift
-    state.config_hash = config_mod.config_hash(cfg)
-    if init is not None:
-        state.init_from = init.record()
+    record_run(state, cfg, latents, encoders, init)
     # MLflow tags: a resume's fallback, or the step-0 source (path, weights hash, its MLflow
     # run, also as the parent run).
     note = {**(resume.fallback_tags() if resume else {}), **(init.tags() if init else {})}
@@ -475,22 +551,29 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
 
     log.info(f"{n_params / 1e6:.1f}M params, world {world}, micro-batch {micro_batch} x accum {accum}, "
              f"{data.steps_per_epoch // accum} steps/epoch, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
+    # Samples per source (train/samples_seen/<name>) when the run mixes named sources.
+    names = [s["name"] for s in latents.sources] if cfg.data.sources else []
+    part_source = torch.tensor(data.part_source) if names else None
     batches = iter(data)
-    meter, progress = Meter(dist.device(), cfg.train.max_nonfinite_steps), Progress(cfg.train.max_steps, start=state.step)
+    meter = Meter(dist.device(), cfg.train.max_nonfinite_steps, len(names))
+    progress = Progress(cfg.train.max_steps, start=state.step)
     first_step, last_save, saved_step = state.step + 1, time.monotonic(), -1
     metrics: dict[str, float] = {}
     preempted, status = False, "FAILED"
     watchdog = Watchdog(cfg.train.collective_timeout_s, peers)
+    compiling = cfg.train.compile  # the first step compiles the U-Net (minutes for a large one): no hang
     try:
         while state.step < cfg.train.max_steps:
-            watchdog.beat()
+            if compiling:
+                watchdog.pause()
+            else:
+                watchdog.beat()
             engine.set_lr(eng.lr_at(cfg, state.step))
-            out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum)
+            out = optimizer_step(engine, batches, cfg, schedule, latents.null_text, state.step, accum, part_source)
+            compiling = False
             meter.add(out, state.step)
-            if state.step + 1 == first_step:
-                clock.mark("first step")  # split into the loader's first batch (its workers' start) and the rest
-                clock.phases["first step"] -= out.wait_s
-                clock.phases["loader workers"] = out.wait_s
+            if state.step + 1 == first_step:  # split into the loader's first batch (its workers' start) and the rest
+                clock.mark("first step", split=("loader workers", out.wait_s))
 
             # Update EMA (a dropped step gives it weight 0, decided on the device).
             if ema is not None:
@@ -502,34 +585,15 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             if sync_due(cfg, state.step, state.step == first_step):
                 log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps
                 tally = meter.sync(control_flags(cfg, run_dir, last_save), close_window=log_now)
-                state.samples_seen += tally.samples
+                seen = count_samples(state, tally, names)
                 state.nonfinite_total += tally.skipped
                 agreed = tally.flags
-
-                # Count non-finite steps; abort after too many in a row.
-                if tally.skipped:
-                    log.info(f"step {tally.last_skipped}: non-finite loss or gradients, step skipped "
-                             f"({tally.run} in a row)" + (f"; {tally.skipped} skipped since the last report"
-                                                          if tally.skipped > 1 else ""))
                 if state.step == first_step:
                     log.info(f"start-up: {clock.describe()}")
-                if tally.abort_step >= 0:
-                    raise NonFiniteLossError(
-                        f"{cfg.train.max_nonfinite_steps} consecutive non-finite losses at step {tally.abort_step} "
-                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
-
-                # Log.
+                check_nonfinite(cfg, tally)  # counts dropped steps; aborts after too many in a row
                 if log_now:
-                    metrics = tally.metrics
-                    metrics.update({"train/lr": eng.lr_at(cfg, state.step - 1), "train/grad_norm": engine.grad_norm(),
-                                    "train/epoch": float(data.epoch), "train/samples_seen": float(state.samples_seen),
-                                    "train/nonfinite_steps": float(state.nonfinite_total)})
-                    if engine.dtype == torch.float16:
-                        metrics["train/overflow_steps"] = float(tally.overflows)
-                    tracker.log_metrics(metrics, step=state.step)
-                    log.info(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} "
-                             f"lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
-                             f"data-wait {100 * metrics['train/data_wait_frac']:.1f}% {progress.describe(state.step)}")
+                    metrics = log_window(cfg, state.step, tally, seen, engine, data, state.nonfinite_total, tracker,
+                                         progress)
 
             # Checkpoint.
             decision = checkpoint_due(cfg, state.step, agreed)
@@ -552,9 +616,7 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
             if (evaluator is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
                     and state.step < cfg.train.max_steps):
                 watchdog.pause()
-                try:
-                    tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
-                except EvalInterrupted:
+                if not evaluate(evaluator, engine, ema, state.step, tracker):
                     watchdog.beat()
                     if saved_step != state.step:
                         save_checkpoint(engine, run_dir, state, data, ema, tracker, cfg.train.keep_last)
@@ -563,12 +625,10 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
                     break
 
         watchdog.stop()
-        if not preempted and evaluator is not None:
-            try:  # the last checkpoint is this step's: an interrupted final eval runs again after a requeue
-                tracker.log_metrics(evaluator.run(engine, ema, state.step, tracker), step=state.step)
-            except EvalInterrupted:
-                preempted = True
-                log.info(stop_message(state.step, " during the final eval"))
+        # The last checkpoint is this step's: an interrupted final eval runs again after a requeue.
+        if not preempted and evaluator is not None and not evaluate(evaluator, engine, ema, state.step, tracker):
+            preempted = True
+            log.info(stop_message(state.step, " during the final eval"))
         status = "KILLED" if preempted else "FINISHED"
     except Exception as e:
         lost = peers.explain(e) if peers is not None else None  # a failed collective: name the silent rank

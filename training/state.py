@@ -20,6 +20,7 @@ import torch
 class TrainState:
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # real (unpadded) samples consumed, all ranks
+    samples_by_source: dict[str, int] = field(default_factory=dict)  # the same per named source (data.sources)
     nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient
     loader: dict[str, Any] | None = None  # the latent loader's position (data/loader.py Position)
     ema: dict[str, Any] | None = None  # EMA.state_dict(): this rank's shard under ZeRO-3, else whole
@@ -27,6 +28,7 @@ class TrainState:
     config_hash: str = ""  # config.config_hash of the model/codec/text/diffusion sections
     # What export and stand-alone eval need without the latent directory:
     shapes: dict[str, list[int]] = field(default_factory=dict)  # {"latent": [C, h, w], "text": [L, D], "pooled": [P]}
+    buckets: list[dict[str, Any]] = field(default_factory=list)  # [{"size": [H, W], "latent", "count"}]; [] = square
     identity: dict[str, Any] = field(default_factory=dict)  # the encoders' identity ({"text": ..., "codec": ...})
     scale: float = 1.0  # latent = (z - shift) * scale
     shift: float = 0.0

@@ -1,7 +1,15 @@
 """U-Net construction: a diffusers `UNet2DConditionModel` from `ModelConfig`.
 
 The latent shape and the text width come from the latent manifest, not the config, so
-the model always matches the data it trains on.
+the model always matches the data it trains on. With buckets the latent shape is the
+nominal bucket's (the U-Net's `sample_size`); the network itself takes any size.
+
+Micro-conditioning (model.micro_conditioning) is SD-XL's (Podell et al. 2023, sec. 2.2):
+six numbers per sample, (orig h, orig w, crop top, crop left, target h, target w), each
+through a sinusoidal embedding of model.micro_conditioning_dim features, concatenated with
+the pooled text embedding and added to the time embedding: diffusers'
+`addition_embed_type="text_time"`, fed with `added_cond_kwargs={"text_embeds": pooled,
+"time_ids": ...}` (`projection_class_embeddings_input_dim` = pooled + 6 x dim).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from typing import Any
 import torch
 
 from latentforge.config import ModelConfig
+
+MICRO_CONDITIONS = 6  # original (h, w), crop (top, left), target (h, w)
 
 
 def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_dim: int,
@@ -33,6 +43,9 @@ def unet_kwargs(cfg: ModelConfig, latent_channels: int, latent_size: int, text_d
         use_linear_projection=cfg.linear_projection,
         mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_block == "cross_attn" else None,
     )
+    if cfg.micro_conditioning:
+        kw.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.micro_conditioning_dim,
+                  projection_class_embeddings_input_dim=pooled_dim + MICRO_CONDITIONS * cfg.micro_conditioning_dim)
     if cfg.pooled_text_conditioning:
         # Pooled text embedding added to the time embedding (a "projection" class embedding).
         kw.update(class_embed_type="projection", projection_class_embeddings_input_dim=pooled_dim)
@@ -62,13 +75,34 @@ def unet_from_weights(cfg: ModelConfig, shapes: dict[str, list[int]], weights: d
     return unet
 
 
-def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
+def _diffusers_config(unet: Any) -> Any:
+    """The diffusers model's config, under any wrappers that hold it as `.module` (our
+    Engine, DeepSpeed's engine, DDP): a wrapper has no `.config`."""
+    m = unet
+    while getattr(m, "config", None) is None and getattr(m, "module", None) is not None:
+        m = m.module
+    config = getattr(m, "config", None)
+    if config is None:
+        raise TypeError(f"unet_forward: {type(unet).__name__} is neither a diffusers U-Net nor a wrapper of one "
+                        f"(.module)")
+    return config
+
+
+def takes_pooled(unet: Any) -> bool:
+    """Whether `unet` adds the pooled text embedding to its time embedding (a "projection"
+    class embedding). Decided by the diffusers model itself, under any wrappers."""
+    return _diffusers_config(unet).class_embed_type == "projection"
+
+
+def unet_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """The one call signature everything uses: x (N, C, h, w), t (N,), cond {"text": (N, L, D),
-    "pooled": (N, P)} -> prediction (N, C, h, w)."""
-    kwargs = {}
-    if getattr(unet, "config", None) is not None and unet.config.class_embed_type == "projection":
-        kwargs["class_labels"] = cond["pooled"]
+    "pooled": (N, P), "time_ids": (N, 6) with micro-conditioning} -> prediction (N, C, h, w).
+    `unet` is a U-Net or a wrapper of one."""
+    kwargs: dict[str, Any] = {"class_labels": cond["pooled"]} if takes_pooled(unet) else {}
+    if _diffusers_config(unet).addition_embed_type == "text_time":
+        if "time_ids" not in cond:
+            raise ValueError("cond: a micro-conditioned U-Net needs time_ids (N, 6): original size, crop, target size")
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
     return unet(x, t, encoder_hidden_states=cond["text"], return_dict=False, **kwargs)[0]
 
 
