@@ -22,6 +22,7 @@ Usage, e.g. for a training MFU:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -164,3 +165,11 @@ class Report:
             print(json.dumps({"title": self.title, "command": self.command, "machine": m, "values": self.values},
                              default=str))
         sys.stdout.flush()
+
+
+def add_rank_args(ap: argparse.ArgumentParser) -> None:
+    """--json, and the hidden options a benchmark's own ranks run with (`--worker`, their
+    `--out` folder): the benchmarks that start ranks through bench_train.spawn_ranks."""
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import Report  # noqa: E402
+from benchmarks._common import Report, add_rank_args  # noqa: E402
 from benchmarks.bench_train import Stepper, rss_gb, spawn_ranks  # noqa: E402
 
 
@@ -86,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-ema", action="store_true", help="measure without the EMA")
     ap.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_rank_args(ap)
     ap.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--init-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import Report, matmul_peak  # noqa: E402
+from benchmarks._common import Report, add_rank_args, matmul_peak  # noqa: E402
 from benchmarks.bench_train import MODELS, Stepper, spawn_ranks  # noqa: E402
 
 # The peer's U-Net: diffusers' default block types at two levels, 0.80M parameters.
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    add_rank_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)

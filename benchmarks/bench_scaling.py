@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import Report  # noqa: E402
+from benchmarks._common import Report, add_rank_args  # noqa: E402
 from benchmarks.bench_train import Stepper, spawn_ranks  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    add_rank_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
