@@ -329,6 +329,7 @@ ck.check = lambda folder, hashes: type("Status", (), {"ok": True, "problems": []
 plan = ck.ResumePlan("step_00000004", "step_00000004_universal", True, "world size 2 -> 1")
 print("problems", ck._convert(run_dir, plan, hashes=False, timeout_s=2.0))
 tdist.barrier()  # the process group survived the wait
+tdist.destroy_process_group()
 """
 
 

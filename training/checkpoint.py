@@ -441,8 +441,12 @@ def _convert(run_dir: Path, plan: ResumePlan, hashes: bool, timeout_s: float) ->
     result: Any = []
     beat = ckpt_dir(run_dir) / HEARTBEAT
     what = f"checking and converting {ckpt_dir(run_dir) / plan.tag} to its universal form"
+    # Several beats and polls within one timeout, whatever the timeout: a beat as slow as the
+    # timeout would let a late beat (a loaded machine) read as a dead rank 0, and a slow poll
+    # would keep rank 0 waiting in the broadcast below for most of its own timeout.
+    tick = min(2.0, timeout_s / 8)
     if dist.is_main():
-        with Heartbeat(beat, what):
+        with Heartbeat(beat, what, beat_s=tick):
             status = check(ckpt_dir(run_dir) / plan.tag, hashes)
             if not status.ok:
                 result = [(plan.tag, p) for p in status.problems]
@@ -452,7 +456,7 @@ def _convert(run_dir: Path, plan: ResumePlan, hashes: bool, timeout_s: float) ->
                 except Exception as e:  # the other ranks learn it from the broadcast: one line
                     result = f"converting {plan.tag} to its universal form failed: {e}"
     else:
-        wait_for_main(beat, timeout_s, what)
+        wait_for_main(beat, timeout_s, what, poll_s=tick)
     result = dist.broadcast_object(result)
     if dist.is_main():
         beat.unlink(missing_ok=True)  # every rank is past its wait: a next conversion starts afresh
