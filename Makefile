@@ -1,7 +1,9 @@
 # The two commands a new user needs:
 #   make demo   the whole pipeline on the embedded defaults (synthetic data, 2 local ranks, local MLflow)
-#   make test   lint, then the test suite (starts a local SLURM cluster and MLflow servers where tests need them)
+#   make test   lint, then the test suite (starts a local SLURM cluster and MLflow servers where tests need them),
+#               less the longest end-to-end tests (marked `long`)
 # and for maintainers:
+#   make test-long   the `long` tests only (multi-node SLURM jobs, the SIGKILL MLflow outage); test-all: everything
 #   make lint   ruff (pyflakes and import order, as configured in pyproject.toml)
 #   make lock   rewrite requirements/lock.txt from .venv (after an upgrade and a green `make test`)
 # On a machine with a CUDA GPU:
@@ -13,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 GPU_CHECK_ARGS ?=
 
-.PHONY: venv fid-weights demo test test-fast lint lock gpu-check slurm-up slurm-down bench clean
+.PHONY: venv fid-weights demo test test-long test-all test-fast lint lock gpu-check slurm-up slurm-down bench clean
 FID_WEIGHTS ?= weights/fid_inception_v3.pt
 
 venv:
@@ -29,8 +31,18 @@ demo: venv fid-weights
 
 # The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
 # did not start, is shown.
+SLURM_UP = @bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
+
 test: venv lint fid-weights
-	@bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
+	$(SLURM_UP)
+	$(PY) -m pytest -m "not long" $(PYTEST_ARGS)
+
+test-long: venv fid-weights
+	$(SLURM_UP)
+	$(PY) -m pytest -m long $(PYTEST_ARGS)
+
+test-all: venv lint fid-weights
+	$(SLURM_UP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

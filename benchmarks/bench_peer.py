@@ -84,7 +84,7 @@ def bare_rate(steps: int, threads: int) -> float:
 def worker(args: argparse.Namespace) -> int:
     """One rank of "ours": the trainer's step, timed after 3 warm-up steps."""
     torch.set_num_threads(1)
-    s = Stepper("peer", BATCH, 2)
+    s = Stepper("peer", BATCH, args.zero_stage)
     for i in range(3):
         s.step(i)
     t0 = time.perf_counter()
@@ -97,9 +97,10 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def ours_rate(steps: int, ranks: int) -> float:
+def ours_rate(steps: int, ranks: int, zero_stage: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        codes = spawn_ranks(__file__, ["--worker", f"--out={out}", f"--steps={steps}"], ranks)
+        codes = spawn_ranks(__file__, ["--worker", f"--out={out}", f"--steps={steps}", f"--zero-stage={zero_stage}"],
+                            ranks)
         if any(codes):
             raise SystemExit(f"bench_peer: ranks exited with {codes}")
         r = [json.loads((Path(out) / f"rank{i}.json").read_text()) for i in range(ranks)]
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--zero-stage", type=int, default=0, help="the trainer's ZeRO stage (0: the tiny presets' default)")
     add_rank_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
@@ -120,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] round {r + 1}/{args.repeats}", flush=True)
         runs["bare1"].append(bare_rate(args.steps, 1))
         runs["bare2"].append(bare_rate(args.steps, 2))
-        runs["ours1"].append(ours_rate(args.steps, 1))
-        runs["ours2"].append(ours_rate(args.steps, 2))
+        runs["ours1"].append(ours_rate(args.steps, 1, args.zero_stage))
+        runs["ours2"].append(ours_rate(args.steps, 2, args.zero_stage))
         print("[bench]   " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " samples/s", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     torch.set_num_threads(1)
     peak = matmul_peak(torch.float32)
     rep = Report(f"peer-sized U-Net (0.80M params, 4x8x8 latents, batch {BATCH}/process): the trainer against "
-                 f"the bare loop, medians of {args.repeats}")
+                 f"the bare loop, ZeRO stage {args.zero_stage}, medians of {args.repeats}")
     rep.add("bare loop, 1 thread", med["bare1"], "samples/s")
     rep.add("bare loop, 2 threads", med["bare2"], "samples/s")
     rep.add("ours, 1 rank x 1 thread", med["ours1"], "samples/s")

@@ -1,7 +1,7 @@
 """latentforge against diffusers' example training script, in turns, on this machine (issue 15).
 
-    .venv/bin/python benchmarks/bench_vs_diffusers.py [--procs 1,2] [--steps 70] [--short 10]
-                                                      [--repeats 1] [--peer-venv .venv-peer] [--json]
+    .venv/bin/python benchmarks/bench_vs_diffusers.py [--procs 1,2] [--steps 320] [--short 20]
+                                                      [--repeats 3] [--peer-venv .venv-peer] [--json]
 
 The peer is diffusers' examples/text_to_image/train_text_to_image.py at v0.40.0, unmodified:
 benchmarks/peer/train_text_to_image.py, checked against its sha256 before every run. It
@@ -17,7 +17,7 @@ The same job on both sides:
   models   one random tiny AutoencoderKL (32/64 channels, 4 x 8 x 8 latents), latentforge's
            tiny open_clip text tower (width 64; CLIPTextModel on the peer's side) and the
            U-Net of bench_peer.py (block_out_channels 32/64, cross-attention width 64, 0.8M
-           parameters). The peer starts from latentforge's pipeline export of a 0-step run,
+           parameters). The peer starts from latentforge's pipeline export of a 1-step run,
            so both train the same weights.
   step     16 samples per process, fp32, AdamW. The peer runs the VAE and text encoder at
            every step (that is how it works); latentforge reads precomputed latents and
@@ -131,7 +131,7 @@ def prepare(work: Path, samples: int) -> tuple[list[str], Path, Path]:
                     (folder / name).write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
                     rows.append({"file_name": name, "text": tar.extractfile(members[key + ".txt"]).read().decode()})  # type: ignore[union-attr]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lf("train", "--preset", "tiny", *overrides, "run_name=init", "train.max_steps=0", "nproc=1",
+    lf("train", "--preset", "tiny", *overrides, "run_name=init", "train.max_steps=1", "nproc=1",
        "tracking.enabled=false", log=work / "init.log")
     lf("export", str(work / "runs" / "init"), "--out", str(work / "init-export"), log=work / "export.log")
     return overrides, folder, work / "init-export"
@@ -176,28 +176,35 @@ def run_peer(work: Path, py: Path, folder: Path, export: Path, procs: int, steps
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", default="1,2", help="process counts, comma-separated")
-    ap.add_argument("--steps", type=int, default=70, help="optimizer steps of the long run")
-    ap.add_argument("--short", type=int, default=10, help="optimizer steps of the short run")
-    ap.add_argument("--repeats", type=int, default=1, help="turns (the median of each figure is reported)")
+    ap.add_argument("--steps", type=int, default=320, help="optimizer steps of the long run")
+    ap.add_argument("--short", type=int, default=20, help="optimizer steps of the short run")
+    ap.add_argument("--repeats", type=int, default=3, help="turns (the median of each figure is reported)")
     ap.add_argument("--samples", type=int, default=1024, help="synthetic images")
     ap.add_argument("--peer-venv", default=str(REPO / ".venv-peer"), help="the peer's virtualenv (made if absent)")
+    ap.add_argument("--sides", default="peer,ours", help="which sides run (peer, ours or both)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for latentforge's runs (repeatable), e.g. train.zero_stage=0")
     ap.add_argument("--dir", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.steps <= args.short:
         raise SystemExit("bench_vs_diffusers: --steps must exceed --short")
+    sides_on = args.sides.split(",")
+    if not set(sides_on) <= {"peer", "ours"}:
+        raise SystemExit(f"bench_vs_diffusers: --sides takes peer and/or ours, not {args.sides}")
     check_peer_script()
-    py = ensure_peer_venv(Path(args.peer_venv))
+    py = ensure_peer_venv(Path(args.peer_venv)) if "peer" in sides_on else Path()
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_vs_diffusers_"))
     print(f"[bench] work dir {work}", flush=True)
     load0 = os.getloadavg()[0]
     overrides, folder, export = prepare(work, args.samples)
+    overrides += args.set
     procs = [int(p) for p in args.procs.split(",")]
     times: dict[tuple[str, int, int], list[float]] = {}
     for r in range(args.repeats):
         for p in procs:
             sides = ("peer", "ours") if r % 2 == 0 else ("ours", "peer")
-            for side in sides:
+            for side in (s for s in sides if s in sides_on):
                 for steps in (args.short, args.steps):
                     tag = f"{p}p-{steps}s-{r}"
                     t = (run_peer(work, py, folder, export, p, steps, tag) if side == "peer"
@@ -209,17 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                  f"medians of {args.repeats}")
     for p in procs:
         rate, fixed = {}, {}
-        for side in ("peer", "ours"):
+        for side in sides_on:
             t_short = statistics.median(times[(side, p, args.short)])
             t_long = statistics.median(times[(side, p, args.steps)])
             step_s = (t_long - t_short) / (args.steps - args.short)
             rate[side] = BATCH * p / step_s
             fixed[side] = t_short - args.short * step_s
-        rep.add(f"{p} process(es): diffusers example", rate["peer"], "samples/s")
-        rep.add(f"{p} process(es): latentforge", rate["ours"], "samples/s")
-        rep.add(f"{p} process(es): latentforge / example", rate["ours"] / rate["peer"], "x (goal >= 1.5x at 2)")
-        rep.add(f"{p} process(es): fixed cost per run, example (start-up, end)", fixed["peer"], "s")
-        rep.add(f"{p} process(es): fixed cost per run, latentforge (start-up, end, final eval)", fixed["ours"], "s")
+        names = {"peer": "diffusers example", "ours": "latentforge" + (f" ({' '.join(args.set)})" if args.set else "")}
+        for side in sides_on:
+            rep.add(f"{p} process(es): {names[side]}", rate[side], "samples/s")
+        if len(sides_on) == 2:
+            rep.add(f"{p} process(es): latentforge / example", rate["ours"] / rate["peer"], "x (goal >= 1.5x at 2)")
+        for side in sides_on:
+            rep.add(f"{p} process(es): fixed cost per run, {names[side]} (start-up, end"
+                    + (", final eval)" if side == "ours" else ")"), fixed[side], "s")
     rep.add("load average (1 min) at the start", load0, "")
     rep.print(args.json)
     return 0

@@ -310,6 +310,14 @@ def demo() -> Config:
     cfg.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     cfg.diffusion = DiffusionConfig(objective="flow", prediction="v", cfg_dropout=0.1)
     cfg.train.max_steps = 1500  # a 2x2-patch step costs 1.5-1.8x a 4x4 one: 96k samples fit the 10 minutes
+    # Speed on CPU ranks (benchmarks/bench_peer.py, bench_vs_diffusers.py; README): ZeRO
+    # partitions optimizer state to save memory, which a 1M-parameter model does not need,
+    # and its extra collectives cost ~20% of the step; a loader worker takes a core from
+    # the step's threads, while these small latents load in-process in ~4% of a small step
+    # (16 samples of 4x8x8). The SD-sized presets keep ZeRO-2 and loader workers (mid-size
+    # U-Net on 2 ranks: ZeRO-2 0.64 samples/s, ZeRO-0 0.59; benchmarks/bench_scaling.py).
+    cfg.train.zero_stage = 0
+    cfg.data.num_workers = 0
     return cfg
 
 

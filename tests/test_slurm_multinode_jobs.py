@@ -37,7 +37,7 @@ from submitted import assert_runs_end_bitwise_equal, file_tree, job_log, mlflow_
 
 from latentforge.launch import status, submit
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.long]  # make test-long: 3-4 minutes
 
 PROFILE = "local-multinode"  # slurm/profiles/local-multinode.yaml: 2 nodes x 1 task
 STEPS = 40  # optimizer steps of the reference and of the interrupted run (checkpoints every 10)

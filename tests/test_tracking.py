@@ -358,7 +358,8 @@ def _train(tiny_data, run_name: str, uri: str) -> tuple[subprocess.Popen, Path]:
 
 @pytest.mark.mlflow_server
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.long)],
+                         ids=["sigterm", "sigkill"])  # sigkill: make test-long (90 s)
 def test_no_metric_is_lost_when_the_server_is_down_at_a_stop(live_mlflow_server, tiny_data, stop) -> None:  # noqa: F811
     """The issue's case: the server dies at step 10 and is still down when the job stops at
     step 30 (SIGTERM: it checkpoints and exits; SIGKILL: nothing runs, the last checkpoint
