@@ -23,8 +23,10 @@ The same job on both sides:
            every step (that is how it works); latentforge reads precomputed latents and
            keeps an EMA (its default; the peer's --use_ema is off by default).
   launch   1 process: a plain process with 2 torch threads. 2 processes: torchrun for the
-           peer (DDP, gloo), `latentforge train nproc=2` for us (DeepSpeed ZeRO-2, gloo),
-           1 thread each. Tracking: each side's default (tensorboard; a local MLflow store).
+           peer (DDP, gloo), `latentforge train nproc=2` for us (DeepSpeed, gloo), 1 thread
+           each. Ours runs with the demo preset's settings for a model this small on CPU:
+           ZeRO stage 0 and latents loaded in the training process (--set changes any).
+           Tracking: each side's default (tensorboard; a local MLflow store).
 
 Timing. Every side runs twice per turn: --short and --steps optimizer steps. The
 steady-state rate is (steps - short) x 16 x processes / (T_long - T_short): start-up, data
@@ -66,7 +68,10 @@ OURS = ["model.block_out_channels=[32, 64]", "model.attention_head_dim=32", "mod
         "diffusion.zero_terminal_snr=false", "codec.kind=vae", f"synth.image_size={RES}", f"data.resolution={RES}",
         "optim.lr=1e-4", "optim.warmup_steps=0", "train.ckpt_every_steps=0", "eval.every_steps=0",
         "eval.num_prompts=1", "eval.images_per_prompt=1", "eval.steps=2", "eval.heldout_samples=16",
-        "eval.heldout_buckets=1", "eval.clip_score=false"]
+        "eval.heldout_buckets=1", "eval.clip_score=false",
+        # The demo preset's CPU settings for a model this small: ZeRO-0 (all-reduce, as DDP)
+        # and in-process loading (latentforge/config.py `demo`, where the measurements are).
+        "train.zero_stage=0", "data.num_workers=0"]
 
 
 def check_peer_script() -> None:

@@ -119,7 +119,8 @@ class DiffusionConfig:
     offset_noise: float = 0.0  # strength of per-channel offset noise; 0 = off
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023)
     cfg_dropout: float = 0.1  # probability of replacing the caption with the empty caption
-    flow_logit_mean: float = 0.0  # flow: training tau = sigmoid(u), u ~ N(this, 1); > 0 trains noisier timesteps more (SD3 3.1)
+    flow_logit_mean: float = 0.0  # flow: training tau = sigmoid(u), u ~ N(this, flow_logit_std^2); > 0 trains noisier timesteps more (SD3 3.1)
+    flow_logit_std: float = 1.0  # flow: the spread of u; > 1 trains both ends (nearly clean, nearly pure noise) more
 
 
 @dataclass
@@ -309,7 +310,9 @@ def demo() -> Config:
     cfg.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
     cfg.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     cfg.diffusion = DiffusionConfig(objective="flow", prediction="v", cfg_dropout=0.1)
-    cfg.train.max_steps = 1500  # a 2x2-patch step costs 1.5-1.8x a 4x4 one: 96k samples fit the 10 minutes
+    # 1,500 x 64 samples: make demo in 6.3 minutes on 2 AVX-512 cores, about 9 with AVX2
+    # kernels only (docs/demo.md); 2,000 steps scored a little better but took 11.7 there.
+    cfg.train.max_steps = 1500
     # Speed on CPU ranks (benchmarks/bench_peer.py, bench_vs_diffusers.py; README): ZeRO
     # partitions optimizer state to save memory, which a 1M-parameter model does not need,
     # and its extra collectives cost ~20% of the step; a loader worker takes a core from
@@ -632,6 +635,9 @@ def validate(cfg: Config) -> None:
     if not math.isfinite(cfg.diffusion.flow_logit_mean) or (cfg.diffusion.flow_logit_mean
                                                             and cfg.diffusion.objective != "flow"):
         raise ConfigError("diffusion.flow_logit_mean: a finite number, used by objective 'flow' only")
+    if not (math.isfinite(cfg.diffusion.flow_logit_std) and cfg.diffusion.flow_logit_std > 0) or (
+            cfg.diffusion.flow_logit_std != 1.0 and cfg.diffusion.objective != "flow"):
+        raise ConfigError("diffusion.flow_logit_std: a positive number, used by objective 'flow' only")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
         raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
     if cfg.optim.decay not in ("constant", "cosine"):

@@ -1,7 +1,7 @@
 """`latentforge demo`: the whole pipeline on the embedded defaults (demo preset, CPU).
 
-synthetic shapes -> precompute (pixel codec + tiny open_clip) -> train (DeepSpeed ZeRO-2,
-2 local ranks, gloo) with periodic eval -> export -> a sample grid from the export.
+synthetic shapes -> precompute (pixel codec + tiny open_clip) -> train (DeepSpeed, the
+preset's ZeRO stage, 2 local ranks, gloo) with periodic eval -> export -> a sample grid from the export.
 Everything lands under RUN_ROOT, with the MLflow store at RUN_ROOT/mlflow.db.
 """
 
@@ -33,7 +33,7 @@ def demo(run_root: str = "runs", overrides: list[str] | None = None) -> int:
 
     precompute.run(cfg)
 
-    log.info("3/4 train (2 local ranks, DeepSpeed ZeRO-2 on CPU)")
+    log.info(f"3/4 train ({cfg.nproc} local ranks, DeepSpeed ZeRO-{cfg.train.zero_stage})")
     code = spawn.spawn(["train", "--preset", PRESET, *base], cfg.nproc)
     if code != 0:
         log.error(f"training failed with exit code {code}")

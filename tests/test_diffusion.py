@@ -173,6 +173,14 @@ def test_flow_timesteps_are_logit_normal_scaled_to_1000():
     for bad in ({"flow_logit_mean": 1.0}, {"objective": "flow", "prediction": "v", "flow_logit_mean": float("nan")}):
         with pytest.raises(ConfigError, match="diffusion.flow_logit_mean"):
             schedule(**bad)
+    # diffusion.flow_logit_std scales u's spread (SD3's lognorm(m, s)) around the mean.
+    _, wide = schedule(objective="flow", prediction="v", flow_logit_mean=0.5, flow_logit_std=1.5)
+    u2 = torch.logit(D.sample_timesteps(20000, wide, gen(3)).double() / 1000)
+    assert abs(u2.mean().item() - 0.5) < 0.05 and abs(u2.std().item() - 1.5) < 0.05
+    for bad in ({"flow_logit_std": 2.0}, {"objective": "flow", "prediction": "v", "flow_logit_std": 0.0},
+                {"objective": "flow", "prediction": "v", "flow_logit_std": float("inf")}):
+        with pytest.raises(ConfigError, match="diffusion.flow_logit_std"):
+            schedule(**bad)
 
 
 # --- Min-SNR ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Objectives:
     ddpm  discrete variance-preserving diffusion; the network predicts eps, v or x0
           ("sample"). v = alpha * eps - sigma * x0 (Salimans & Ho 2022, section 4).
     flow  rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1-tau) x0 + tau eps,
-          tau ~ logit-normal(diffusion.flow_logit_mean, 1), and the network predicts the velocity
+          tau ~ logit-normal(diffusion.flow_logit_mean, diffusion.flow_logit_std), and the network predicts the velocity
           dx_t/dtau = eps - x0. Config names that with `prediction = "v"`; eps/sample
           prediction, Min-SNR weighting and zero-terminal-SNR are ddpm-only and refused.
 """
@@ -116,6 +116,7 @@ class Schedule:
     alphas_cumprod: torch.Tensor  # (T,) float64
     zero_terminal_snr: bool = False  # betas were rescaled with rescale_zero_terminal_snr
     flow_logit_mean: float = 0.0  # flow: mean of the logit-normal training timesteps
+    flow_logit_std: float = 1.0  # flow: their standard deviation (in logit space)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -145,6 +146,10 @@ class Schedule:
         if not math.isfinite(cfg.flow_logit_mean) or (cfg.flow_logit_mean and cfg.objective != "flow"):
             raise ConfigError(f"diffusion.flow_logit_mean: a finite number, used by objective 'flow' only "
                               f"(got {cfg.flow_logit_mean} with objective {cfg.objective!r})")
+        if not (math.isfinite(cfg.flow_logit_std) and cfg.flow_logit_std > 0) or (
+                cfg.flow_logit_std != 1.0 and cfg.objective != "flow"):
+            raise ConfigError(f"diffusion.flow_logit_std: a positive number, used by objective 'flow' only "
+                              f"(got {cfg.flow_logit_std} with objective {cfg.objective!r})")
         if cfg.objective == "ddpm" and cfg.zero_terminal_snr and cfg.prediction == "eps":
             # At SNR 0, x_t = eps: an eps prediction says nothing about x0 (Lin et al. 2023, 3.2).
             raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample "
@@ -154,7 +159,7 @@ class Schedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(objective=cfg.objective, prediction=cfg.prediction, betas=betas,
                    alphas_cumprod=alphas_cumprod(betas), zero_terminal_snr=cfg.zero_terminal_snr,
-                   flow_logit_mean=cfg.flow_logit_mean)
+                   flow_logit_mean=cfg.flow_logit_mean, flow_logit_std=cfg.flow_logit_std)
 
     # The model's timestep input -> schedule quantities. All (N,) float64 on the CPU.
 
@@ -307,11 +312,14 @@ def offset_noise(shape: tuple[int, ...] | torch.Size, strength: float, generator
 
 def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator) -> torch.Tensor:
     """Training timesteps, (n,) on the CPU: ddpm uniform long in [0, T); flow
-    tau = sigmoid(u), u ~ N(flow_logit_mean, 1) (logit-normal, SD3 section 3.1), returned as
+    tau = sigmoid(u), u ~ N(flow_logit_mean, flow_logit_std^2) (logit-normal, SD3 section 3.1), returned as
     tau * 1000 float32."""
     _check_generator(generator)
     if schedule.objective == "flow":
-        return torch.sigmoid(torch.randn(n, generator=generator) + schedule.flow_logit_mean) * FLOW_TIME_SCALE
+        u = torch.randn(n, generator=generator)
+        if schedule.flow_logit_std != 1.0:  # (the default keeps the stream of u exactly)
+            u = u * schedule.flow_logit_std
+        return torch.sigmoid(u + schedule.flow_logit_mean) * FLOW_TIME_SCALE
     return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
 
 
