@@ -1,6 +1,6 @@
 """The trainer's step against its physical bound, on the peer-sized model of issue 15.
 
-    .venv/bin/python benchmarks/bench_peer.py [--steps 30] [--repeats 3] [--json]
+    .venv/bin/python benchmarks/bench_peer.py [--steps 30] [--repeats 3] [--zero-stage 0] [--json]
 
 The model is the one diffusers' examples/text_to_image/train_text_to_image.py trains in
 the side-by-side: UNet2DConditionModel with block_out_channels (32, 64), a cross-attention
@@ -17,10 +17,9 @@ Measured in this one run, in turns (each figure the median of --repeats runs):
 
 Goals: ours 1 rank >= 90% of bare 1 thread; ours 2 ranks >= 85% of twice bare 1 thread.
 
-The side-by-side with diffusers' example script (v0.40.0, unmodified) runs it on the same
-machine with the same tiny AutoencoderKL / UNet / CLIP text model; it needs a Python with
-transformers and datasets, which latentforge does not depend on. It is not automated here
-(see the README's benchmark table for its status).
+--zero-stage picks the trainer's ZeRO stage (default 0, the `demo` preset's setting for a
+model this small; 2 is the SD presets'). The side-by-side with diffusers' example script
+(v0.40.0, unmodified) on the same model is benchmarks/bench_vs_diffusers.py.
 """
 
 from __future__ import annotations
