@@ -53,19 +53,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import Report  # noqa: E402
+from benchmarks.bench_peer import BATCH  # noqa: E402  (samples per process per step, both sides)
+from benchmarks.bench_train import MODELS  # noqa: E402  (MODELS["peer"]: registered by bench_peer)
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer" / "train_text_to_image.py"
 PEER_SHA256 = "d4430bca96ab52aaed12d99132a4410b2db4b1114ec4cf85fb24cc0889ed8408"  # git show v0.40.0:examples/...
 PEER_REQUIREMENTS = ["diffusers==0.40.0", "datasets>=2.19.1", "ftfy", "tensorboard", "Jinja2"]
-BATCH = 16  # samples per process per step, both sides
 RES = 16  # pixels; the VAE halves it: 4 x 8 x 8 latents
 
 # bench_peer.py's U-Net (the peer's 0.8M-parameter model) on the tiny preset.
-OURS = ["model.block_out_channels=[32, 64]", "model.attention_head_dim=32", "model.norm_num_groups=32",
-        "model.down_block_types=[CrossAttnDownBlock2D, DownBlock2D]",
-        "model.up_block_types=[UpBlock2D, CrossAttnUpBlock2D]", "diffusion.prediction=eps",
-        "diffusion.zero_terminal_snr=false", "codec.kind=vae", f"synth.image_size={RES}", f"data.resolution={RES}",
+OURS = [*MODELS["peer"][0], "codec.kind=vae", f"synth.image_size={RES}", f"data.resolution={RES}",
         "optim.lr=1e-4", "optim.warmup_steps=0", "train.ckpt_every_steps=0", "eval.every_steps=0",
         "eval.num_prompts=1", "eval.images_per_prompt=1", "eval.steps=2", "eval.heldout_samples=16",
         "eval.heldout_buckets=1", "eval.clip_score=false",
@@ -100,14 +98,20 @@ def ensure_peer_venv(path: Path) -> Path:
     return py
 
 
-def lf(*argv: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
-    """`latentforge ARGV` in our venv; the log kept in `log` (shown on failure)."""
-    cmd = [sys.executable, "-m", "latentforge.launch.cli", *argv]
-    with open(log or os.devnull, "w") as f:
-        code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> float:
+    """Run `cmd` with its output in `log`; its wall time in seconds. A failure exits with
+    the log's tail."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd).returncode
     if code:
-        tail = log.read_text()[-3000:] if log else ""
-        raise SystemExit(f"bench_vs_diffusers: {' '.join(cmd[2:5])} ... exited with {code}\n{tail}")
+        raise SystemExit(f"bench_vs_diffusers: {' '.join(cmd[:5])} ... exited with {code}\n{log.read_text()[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def lf(*argv: str, log: Path, env: dict[str, str] | None = None) -> float:
+    """`latentforge ARGV` in our venv (run_logged)."""
+    return run_logged([sys.executable, "-m", "latentforge.launch.cli", *argv], log, env)
 
 
 def prepare(work: Path, samples: int) -> tuple[list[str], Path, Path]:
@@ -143,18 +147,20 @@ def prepare(work: Path, samples: int) -> tuple[list[str], Path, Path]:
 
 
 def _env(procs: int, **extra: str) -> dict[str, str]:
+    """Both sides: no inherited rank variables, and the thread split latentforge's own
+    launcher uses (latentforge/spawn.py), set explicitly so the peer gets it too."""
+    from latentforge.spawn import threads_per_rank
+
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // procs)), TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(OMP_NUM_THREADS=str(threads_per_rank(procs)), TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
 
 def run_ours(work: Path, overrides: list[str], procs: int, steps: int, tag: str) -> float:
-    t0 = time.perf_counter()
-    lf("train", "--preset", "tiny", *overrides, f"run_name=ours-{tag}", f"train.max_steps={steps}",
-       f"train.global_batch_size={BATCH * procs}", f"nproc={procs}", f"train.log_every={max(1, steps // 4)}",
-       env=_env(procs), log=work / f"ours-{tag}.log")
-    return time.perf_counter() - t0
+    return lf("train", "--preset", "tiny", *overrides, f"run_name=ours-{tag}", f"train.max_steps={steps}",
+              f"train.global_batch_size={BATCH * procs}", f"nproc={procs}", f"train.log_every={max(1, steps // 4)}",
+              env=_env(procs), log=work / f"ours-{tag}.log")
 
 
 def run_peer(work: Path, py: Path, folder: Path, export: Path, procs: int, steps: int, tag: str) -> float:
@@ -167,13 +173,7 @@ def run_peer(work: Path, py: Path, folder: Path, export: Path, procs: int, steps
     launch = [str(py)] if procs == 1 else [str(py), "-m", "torch.distributed.run", "--standalone",
                                            f"--nproc_per_node={procs}"]
     env = _env(procs, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(work / "hf-home"))
-    log = work / f"peer-{tag}.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run([*launch, *args], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=work).returncode
-    elapsed = time.perf_counter() - t0
-    if code:
-        raise SystemExit(f"bench_vs_diffusers: the peer exited with {code}\n{log.read_text()[-4000:]}")
+    elapsed = run_logged([*launch, *args], work / f"peer-{tag}.log", env, cwd=work)
     shutil.rmtree(out, ignore_errors=True)
     return elapsed
 
@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             t_short = statistics.median(times[(side, p, args.short)])
             t_long = statistics.median(times[(side, p, args.steps)])
             step_s = (t_long - t_short) / (args.steps - args.short)
+            if step_s <= 0:
+                raise SystemExit(f"bench_vs_diffusers: {side}, {p} process(es): the {args.steps}-step runs took no "
+                                 f"longer than the {args.short}-step ones (run-to-run noise); raise --steps")
             rate[side] = BATCH * p / step_s
             fixed[side] = t_short - args.short * step_s
         names = {"peer": "diffusers example", "ours": "latentforge" + (f" ({' '.join(args.set)})" if args.set else "")}

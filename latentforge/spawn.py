@@ -34,13 +34,18 @@ def should_spawn(nproc: int) -> bool:
     return nproc > 1 and not under_launcher()
 
 
+def threads_per_rank(nproc: int) -> int:
+    """Torch threads for each of `nproc` ranks sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
 def spawn(argv: list[str], nproc: int, grace_s: float = 30.0, env: dict[str, str] | None = None) -> int:
     """Run `latentforge ARGV` as `nproc` ranks on this machine. Returns the job's exit code:
     0 if all succeed, else the first non-zero code."""
     port = free_port()
     base = dict(os.environ if env is None else env)
     # One thread per rank unless the user says otherwise: ranks share this machine's cores.
-    threads = base.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    threads = base.get("OMP_NUM_THREADS") or str(threads_per_rank(nproc))
     procs: list[subprocess.Popen] = []
     for r in range(nproc):
         e = dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
