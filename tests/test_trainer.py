@@ -21,6 +21,9 @@ from latentforge.config import ConfigError, resolve
 # shared with test_resume.py and test_export.py (same name and overrides = same run).
 COMMON = ("train.max_steps=16", "train.log_every=4", "train.ckpt_every_steps=4", "train.keep_last=10")
 ZERO_RUNS = {
+    # The demo preset's settings: ZeRO-0 (gradient all-reduce, the client AdamW) and latents
+    # loaded in the training process.
+    0: ("zero0", *COMMON, "train.zero_stage=0", "data.num_workers=0"),
     # ZeRO-Offload with our torch AdamW on the CPU, and gradient accumulation (2 micro-batches of 4).
     1: ("zero1", *COMMON, "train.zero_stage=1", "train.offload_optimizer=true", "train.micro_batch_size=4"),
     2: ("zero2", *COMMON, "train.zero_stage=2"),
@@ -151,11 +154,11 @@ def test_ema_shards_are_the_partition_of_the_whole_ema():
 
 
 # ---------------------------------------------------------------------------------------
-# ZeRO 1, 2 and 3 on 2 ranks.
+# ZeRO 0, 1, 2 and 3 on 2 ranks.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_trains_with_loss_going_down(train_run, stage):
     run_dir, log = train_run(*ZERO_RUNS[stage])
     loss = losses(log)
@@ -169,7 +172,8 @@ def test_zero_stage_trains_with_loss_going_down(train_run, stage):
     tag_dir = run_dir / "checkpoints" / "step_00000016"
     assert (tag_dir / "COMPLETE").is_file()
     assert json.loads((tag_dir / "COMPLETE").read_text())["zero_stage"] == stage
-    assert len(list(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))) == 2  # one optimizer shard per rank
+    # One optimizer shard per rank; ZeRO-0 keeps the whole optimizer in the model states file.
+    assert len(list(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))) == (0 if stage == 0 else 2)
     if stage == 1:
         assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["offload_optimizer"]
         assert "micro-batch 4 x accum 2" in log
