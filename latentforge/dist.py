@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -174,9 +176,23 @@ def init(timeout_s: float = 600.0) -> None:
         return
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     bind_gloo_interface()  # a job across nodes: gloo on the interface that reaches the master
+    import_group_default_users()
     if device().type == "cuda":
         torch.cuda.set_device(device())
     dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def import_group_default_users() -> None:
+    """Import, before the process group exists, the torch module whose functions take
+    `group=group.WORLD` as a default argument (torch.distributed.nn.functional: open_clip's
+    loss imports it, so do DeepSpeed's sequence-parallel layers). A default is evaluated at
+    import: imported after init, those functions hold the default group, which then outlives
+    `destroy()`; its gloo worker thread can release the last collective's tensors during
+    interpreter shutdown, and a job that succeeded exits with SIGABRT ("terminate called
+    without an active exception"). Imported first, the defaults are None. Both ways of
+    joining (`init` here, training/engine.py `init_distributed`) call this."""
+    if dist.is_available():
+        import torch.distributed.nn  # noqa: F401
 
 
 def barrier() -> None:
@@ -220,12 +236,65 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def destroy() -> None:
-    """Leave the process group (local: no collective). Called on the way out, errors
-    included, so a failure to tear down is not a second error."""
-    if is_initialized():
+# Callables that drop other libraries' references to our process groups (DeepSpeed's group
+# registry: training/engine.py registers it), run by `destroy`.
+_release_hooks: list[Callable[[], None]] = []
+# Name prefixes of the threads a live process group runs (torch names them).
+_GROUP_THREADS = ("pt_gloo", "gloo_tcp", "pt_nccl")
+
+
+def on_destroy(hook: Callable[[], None]) -> None:
+    """Run `hook` in `destroy`, after the groups are torn down (once per hook)."""
+    if hook not in _release_hooks:
+        _release_hooks.append(hook)
+
+
+def group_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group (Linux; [] elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tasks:
         try:
-            dist.destroy_process_group()
-        except Exception as e:  # e.g. a backend already broken by a lost peer
-            log.debug(f"destroy_process_group: {e}")
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(_GROUP_THREADS):
+            names.append(name)
+    return sorted(names)
+
+
+def destroy() -> None:
+    """Leave the process group (local: no collective) and free it, so its worker threads are
+    joined before the interpreter exits. Called on the way out, errors included, so a
+    failure to tear down is not a second error.
+
+    destroy_process_group only unregisters the groups; each is freed, and its threads
+    joined, when the last reference goes. A group still referenced at exit keeps a gloo
+    worker thread that may release the last collective's tensors while the interpreter
+    shuts down, which aborts the process (SIGABRT, "terminate called without an active
+    exception") after a job that succeeded. So the release hooks drop the references other
+    libraries keep, a collection frees groups held by reference cycles (a DeepSpeed engine),
+    and a group that still survives is reported and given a moment to finish its releases."""
+    if not is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # e.g. a backend already broken by a lost peer
+        log.debug(f"destroy_process_group: {e}")
+    for hook in _release_hooks:
+        try:
+            hook()
+        except Exception as e:
+            log.debug(f"release hook {hook}: {e}")
+    gc.collect()
+    alive = group_threads()
+    if alive:
+        # Known case: ZeRO-3 (some reference DeepSpeed keeps that its destroy() leaves).
+        log.info(f"a process group outlived destroy() (threads {', '.join(alive)}): something still "
+                 f"references it; waiting 0.2 s so its worker threads finish before exit")
+        time.sleep(0.2)  # the GIL released: a worker's pending tensor release completes now
 

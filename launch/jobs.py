@@ -179,6 +179,7 @@ class TrainJob:
         out = {"rank": env.rank, "step": result.step, "run_dir": str(result.run_dir),
                "mlflow_run_id": result.mlflow_run_id, "preempted": result.preempted}
         if not result.preempted:
+            dist.destroy()  # before submitit writes the result and the interpreter exits (dist.destroy)
             return out
 
         # Every rank saved at `result.step`. Which signals did the ranks see? (collective)

@@ -164,6 +164,60 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+_EXIT_SCRIPT = textwrap.dedent("""
+    import os
+    import sys
+    import torch
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    if sys.argv[1] == "trainer":
+        from latentforge.training import engine
+        engine._deepspeed()  # its import starts a thread of its own (jemalloc's)
+        before = threads()
+        engine.init_distributed(60)
+    else:
+        from latentforge import dist
+        before = threads()
+        dist.init(timeout_s=60)
+    from latentforge import dist
+    import open_clip  # after init, as periodic eval and stand-alone eval import it
+    t = torch.ones(2, dtype=torch.float64)
+    dist.all_reduce_sum(t)
+    dist.destroy()
+    print("threads", before, threads())
+""")
+
+
+@pytest.mark.parametrize("join", ["dist", "trainer"])
+def test_a_job_importing_open_clip_after_init_leaves_no_process_group_alive(join: str, tmp_path: Path) -> None:
+    """open_clip imports torch.distributed.nn, whose functions take group.WORLD as a default
+    argument. Imported after init, they kept the group (and its gloo threads) alive past
+    destroy(), and a worker thread releasing the last collective's tensors during interpreter
+    shutdown aborted a finished job now and then (SIGABRT, "terminate called without an
+    active exception"). After destroy() every thread the group started is gone."""
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), join], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+        counts = [line.split()[1:] for line in out.splitlines() if line.startswith("threads ")]
+        assert counts, out
+        before, after = map(int, counts[-1])
+        assert after == before, out
+
+
 def test_two_ranks_average_over_all_pairs(saved: dict, tmp_path: Path) -> None:
     images = _images(6)
     prompts = PROMPTS[:6]

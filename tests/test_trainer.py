@@ -167,6 +167,11 @@ def test_zero_stage_trains_with_loss_going_down(train_run, stage):
     # About 1.09 -> 0.99 in 16 steps. (It once read 0.8x: the loader used to give rank 1 half
     # an epoch of padding rows, which entered train/loss as zeros; now neither happens.)
     assert last < 0.95 * first, loss
+    # The engine and its process groups were freed before exit (latentforge/dist.py destroy):
+    # a group left alive can abort a finished run at interpreter shutdown. Under ZeRO-3 a
+    # reference DeepSpeed keeps survives its destroy(); dist.destroy then waits it out.
+    if stage < 3:
+        assert "outlived destroy()" not in log, log[-2000:]
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
     tag_dir = run_dir / "checkpoints" / "step_00000016"

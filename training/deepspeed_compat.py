@@ -136,6 +136,21 @@ def skip_muon_import() -> None:
     engine.is_zero_supported_optimizer = lambda optimizer: type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS
 
 
+def release_process_groups() -> None:
+    """Drop DeepSpeed's module-level references to process groups (deepspeed.utils.groups:
+    _WORLD_GROUP, _DATA_PARALLEL_GROUP, the expert and all-to-all tables, ...), which it
+    never clears, so that `dist.destroy` can free them. Found by type, not by name, so a
+    DeepSpeed release that adds a table is covered."""
+    from deepspeed.utils import groups
+
+    pg_type = torch.distributed.ProcessGroup
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, pg_type):
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, pg_type) for v in value.values()):
+            value.clear()
+
+
 def set_load_universal(ds_engine: Any, universal: bool) -> None:
     ds_engine._config.load_universal_checkpoint = universal
 

@@ -165,6 +165,8 @@ def init_distributed(timeout_s: float) -> None:
     import datetime
 
     bind_device_env()
+    dist.import_group_default_users()
+    dist.on_destroy(compat.release_process_groups)
     deepspeed = _deepspeed()
     if dist.device().type == "cuda":
         torch.cuda.set_device(dist.device())
@@ -229,6 +231,14 @@ class Engine:
             return self._one - self._found_inf[0]
         # DeepSpeed decided on the host (it read the norm back); no extra sync here.
         return self._zero if self.ds.optimizer.overflow else self._one
+
+    def destroy(self) -> None:
+        """Release the engine once training is over: DeepSpeed's `destroy` removes the
+        gradient hooks ZeRO puts on autograd's accumulator nodes. Those nodes (C++) keep the
+        optimizer, the engine and its process groups reachable through a cycle Python's
+        collector cannot see, so without this they outlive `dist.destroy` (see there why that
+        matters). Not after a failed collective: it synchronises the device."""
+        self.ds.destroy()
 
     def grad_norm(self) -> float:
         """The last step's global gradient norm (a host sync: call it at log steps)."""

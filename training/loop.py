@@ -643,5 +643,6 @@ def train(cfg: Config, make_evaluator: MakeEvaluator | None = None) -> TrainResu
         watchdog.stop()
         batches.close()
         tracker.finish(status)
+    engine.destroy()  # so dist.destroy frees the process groups (training/engine.py)
     return TrainResult(step=state.step, samples_seen=state.samples_seen, run_dir=run_dir,
                        mlflow_run_id=tracker.run_id, preempted=preempted, last_metrics=metrics)
