@@ -106,6 +106,74 @@ def test_ds_config_precision_offload_and_universal_flag():
     assert z3["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in z3["zero_optimization"]
 
 
+_CLIENT_STEP_SCRIPT = """
+import copy
+import math
+import torch
+from latentforge.config import resolve
+from latentforge.training import engine as eng
+
+torch.manual_seed(0)
+cfg = resolve("tiny", None, ["train.zero_stage=0", "train.precision=fp32", "optim.grad_clip=0.05",
+                             "train.global_batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2"])
+assert eng.client_steps_alone(cfg) and eng.ds_config(cfg, 1)["gradient_clipping"] == 0.0
+eng.init_distributed(60)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+ref = copy.deepcopy(model)
+engine = eng.build_engine(model, cfg)
+assert engine.ds.enable_backward_allreduce is False  # one rank: no all-reduce of the gradients
+decay = [p for n, p in ref.named_parameters() if p.ndim >= 2 and "norm" not in n]
+no_decay = [p for n, p in ref.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=cfg.optim.betas,
+                        eps=cfg.optim.eps, fused=True)
+g = torch.Generator().manual_seed(1)
+for i in range(5):
+    x = torch.randn(4, 6, generator=g) * (float("nan") if i == 2 else 1.0)
+    engine.set_lr(eng.lr_at(cfg, i))
+    engine.backward((engine(x) ** 2).mean())
+    applied = float(engine.step())
+    for group in opt.param_groups:
+        group["lr"] = eng.lr_at(cfg, i)
+    (ref(x) ** 2).mean().backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optim.grad_clip))
+    if i == 2:  # not finite: skipped, weights and moments untouched
+        assert applied == 0.0 and math.isnan(engine.grad_norm()), (applied, engine.grad_norm())
+    else:
+        assert applied == 1.0 and norm > cfg.optim.grad_clip, (applied, norm)  # clipping was active
+        assert abs(engine.grad_norm() - norm) <= 1e-6 * norm, (engine.grad_norm(), norm)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(engine.module.named_parameters(), ref.parameters()):
+        # The same fp32 ops in the same order on one thread (torch's clip_grad_norm_ and the
+        # client step both use foreach norm and mul); allow a few ulps for kernel choice.
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (i, name, (a - b).abs().max())
+    state = engine.client_optimizer.state
+    for a, b in zip(engine.module.parameters(), ref.parameters()):  # step counts and moments alike
+        assert int(state[a]["step"]) == int(opt.state[b]["step"]) == (i + 1 if i < 2 else i), i
+        assert torch.allclose(state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"], rtol=1e-5, atol=1e-12), i
+print("OK")
+"""
+
+
+def test_zero0_client_step_clips_logs_the_norm_and_skips_a_nonfinite_step(tmp_path: Path) -> None:
+    """ZeRO 0 in fp32 hands our fused AdamW the step unwrapped: it clips like
+    torch.nn.utils.clip_grad_norm_ (DeepSpeed's clipping is off), keeps the norm for
+    train/grad_norm, skips a step with a NaN gradient without touching weights or Adam
+    state, and one rank skips DeepSpeed's gradient all-reduce."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "client_step.py"
+    script.write_text(_CLIENT_STEP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    out = subprocess.run([sys.executable, str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
 def test_lr_schedule_is_warmup_then_cosine_or_constant():
     import math
 

@@ -136,6 +136,14 @@ def skip_muon_import() -> None:
     engine.is_zero_supported_optimizer = lambda optimizer: type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS
 
 
+def skip_gradient_allreduce(ds_engine: Any) -> None:
+    """One rank, ZeRO 0, fp32 (our AdamW unwrapped): DeepSpeed's backward would flatten
+    every gradient into a bucket, all-reduce it over the one rank and copy it back, several
+    per cent of a small model's step for an identity. Its own switch turns that off (what
+    it does itself without a backend); at ZeRO 0 the all-reduce is all that path does."""
+    ds_engine.enable_backward_allreduce = False
+
+
 def release_process_groups() -> None:
     """Drop DeepSpeed's module-level references to process groups (deepspeed.utils.groups:
     _WORLD_GROUP, _DATA_PARALLEL_GROUP, the expert and all-to-all tables, ...), which it

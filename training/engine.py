@@ -61,6 +61,13 @@ def _fp32_accumulation(prec: str, cfg: Config) -> bool:
     return stage >= 2 or (stage == 1 and (cfg.train.offload_optimizer or prec == "fp16"))
 
 
+def client_steps_alone(cfg: Config) -> bool:
+    """Whether DeepSpeed hands our AdamW the step unwrapped: ZeRO stage 0 in fp32 (no ZeRO
+    optimizer, no fp16/bf16 wrapper). Then the client step also clips and checks the
+    gradients (`_guard_client_optimizer`), and DeepSpeed's own clipping is off."""
+    return cfg.train.zero_stage == 0 and precision(cfg) == "fp32"
+
+
 def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config generated from ours. `load_universal` is set only for the one
     start-up that resumes from a universal checkpoint (a different world size)."""
@@ -100,7 +107,9 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # ZeRO 0 in fp32: the client step clips (one fused pass; DeepSpeed's clip_grad_norm_
+        # walks the parameters one by one and keeps no norm to log).
+        "gradient_clipping": 0.0 if client_steps_alone(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         # bf16: DeepSpeed keeps fp32 master weights and skips a step whose gradients are
         # not finite (check_grad_overflow). fp16: dynamic loss scaling from 2**16.
@@ -193,7 +202,8 @@ class Engine:
         # are not finite (their `overflow` path). Without one (ZeRO stage 0 in fp32) the client
         # AdamW checks its gradients itself, on the device: see `_guard_client_optimizer`.
         self._found_inf = None if hasattr(ds_engine.optimizer, "overflow") else \
-            _guard_client_optimizer(client_optimizer, device)
+            _guard_client_optimizer(client_optimizer, device, cfg.optim.grad_clip)
+        self._ema_sources: dict[str, Any] | None = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -271,11 +281,16 @@ class Engine:
         the rounded module weights: under ZeRO-3 the fp32 partition (same layout), under
         ZeRO 1/2 this rank's `Fragment` of the flat fp32 partition, under ZeRO 0 the whole
         fp32 master (where they live: training/deepspeed_compat.py)."""
+        if self._ema_sources is not None:
+            return self._ema_sources
         params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if self.dtype == torch.float32:
             if self.zero3:
                 return {n: p.ds_tensor for n, p in params}
-            return dict(params)
+            # The parameters themselves, updated in place by every step and every load: the
+            # same dict serves every step (no walk over the module's parameters per step).
+            self._ema_sources = dict(params)
+            return self._ema_sources
         if self.zero3:
             from deepspeed.utils import safe_get_local_fp32_param
 
@@ -386,12 +401,21 @@ def place_optimizer_steps(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
-def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """Make `optimizer` (a fused torch AdamW that DeepSpeed steps without an overflow check)
-    skip a step whose gradients hold a NaN or inf, on the device: before each step one fused
-    pass over the gradients (the GradScaler's check, with a scale of 1) sets `found_inf`,
-    which torch's fused AdamW honours by leaving parameters, moments and step counts as they
-    were. Returns the (1,) flag the next step fills: 1.0 when it was skipped."""
+def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device,
+                            max_norm: float = 0.0) -> torch.Tensor:
+    """Make `optimizer` (a fused torch AdamW that DeepSpeed steps unwrapped: ZeRO 0 in fp32)
+    clip its gradients and skip a step whose gradients hold a NaN or inf, on the device,
+    without a host sync. Before each step:
+
+    - the global gradient norm, from one multi-tensor norm, kept as
+      `optimizer._global_grad_norm` (DeepSpeed's engine reads it for get_global_grad_norm);
+    - one fused pass over the gradients and that norm (the GradScaler's check, with a scale
+      of 1) sets `found_inf`, which torch's fused AdamW honours by leaving parameters,
+      moments and step counts as they were; a norm that overflows counts as not finite;
+    - with `max_norm` > 0, every gradient times min(1, max_norm / (norm + 1e-6)), as
+      torch.nn.utils.clip_grad_norm_ and DeepSpeed's clipping do.
+
+    Returns the (1,) flag the next step fills: 1.0 when it was skipped."""
     if not optimizer.defaults.get("fused"):
         raise ValueError("the client optimizer must be a fused torch AdamW (found_inf needs the fused kernel)")
     found_inf = torch.zeros(1, device=device)
@@ -402,7 +426,12 @@ def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.devi
         found_inf.zero_()
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit)  # grads * 1: unchanged
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # () fp32
+            optimizer._global_grad_norm = norm
+            # grads * 1 and norm * 1: unchanged.
+            torch._amp_foreach_non_finite_check_and_unscale_([*grads, norm.view(1)], found_inf, unit)
+            if max_norm > 0:
+                torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         # torch's AMP hook of Adam.step; 0-dim, as GradScaler's: the step counts it is subtracted from are 0-dim.
         optimizer.found_inf, optimizer.grad_scale = found_inf.view(()), None
         return step(*args, **kwargs)
@@ -437,6 +466,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, run_dir: Path | None = Non
     # temporaries of the for-each implementation (CPU and CUDA both have it).
     optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_dict)
+    if client_steps_alone(cfg) and dist.world_size() == 1:
+        compat.skip_gradient_allreduce(ds_engine)
     if cfg.train.zero_stage == 3:
         compat.share_fp32_master(ds_engine)
         _return_freed_memory()  # the whole model built on this rank is now 1/N of it
