@@ -164,6 +164,27 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_two_ranks(script: Path, *args: str) -> list[str]:
+    """Run `script args` as ranks 0 and 1 of a gloo group on loopback; every rank must exit
+    0. Returns each rank's output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+        outs.append(out)
+    return outs
+
+
 _EXIT_SCRIPT = textwrap.dedent("""
     import os
     import sys
@@ -199,19 +220,7 @@ def test_a_job_importing_open_clip_after_init_leaves_no_process_group_alive(join
     active exception"). After destroy() every thread the group started is gone."""
     script = tmp_path / "exit.py"
     script.write_text(_EXIT_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(2):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), join], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, out
+    for out in _run_two_ranks(script, join):
         counts = [line.split()[1:] for line in out.splitlines() if line.startswith("threads ")]
         assert counts, out
         before, after = map(int, counts[-1])
@@ -224,20 +233,7 @@ def test_two_ranks_average_over_all_pairs(saved: dict, tmp_path: Path) -> None:
     torch.save({"images": images, "prompts": prompts}, tmp_path / "data.pt")
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(2):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(saved["folder"]), str(tmp_path),
-                                       str(tmp_path / "data.pt")], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, out
+    _run_two_ranks(script, str(saved["folder"]), str(tmp_path), str(tmp_path / "data.pt"))
     want = float((100 * _direct_scores(saved["model"], images, prompts).clamp(min=0)).double().mean())
     for r in range(2):
         # Pairs split over 2 ranks (other batches), fp64 sum and count reduced: as above.
