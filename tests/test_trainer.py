@@ -167,8 +167,9 @@ def test_zero0_client_step_clips_logs_the_norm_and_skips_a_nonfinite_step(tmp_pa
 
     script = tmp_path / "client_step.py"
     script.write_text(_CLIENT_STEP_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT")}
+    from job_procs import RANK_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     out = subprocess.run([sys.executable, str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-3000:] + out.stderr[-3000:]
