@@ -106,6 +106,27 @@ def test_ds_config_precision_offload_and_universal_flag():
     assert z3["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in z3["zero_optimization"]
 
 
+def test_the_client_guard_follows_client_steps_alone_and_refuses_a_deepspeed_that_disagrees():
+    """One rule (client_steps_alone) turns DeepSpeed's clipping off and puts the client
+    AdamW's clip-and-check in; a DeepSpeed optimizer that contradicts it is refused at
+    start-up instead of leaving the gradients unchecked (or clipped twice)."""
+    from latentforge.training.engine import _client_guards_step
+
+    class Wrapped:  # a ZeRO optimizer / fp16 wrapper: it has the overflow path
+        overflow = False
+
+    class Bare:  # the client optimizer, stepped unwrapped
+        pass
+
+    z0, z2 = _cfg("train.zero_stage=0", "train.precision=fp32"), _cfg("train.zero_stage=2")
+    assert _client_guards_step(z0, Bare()) is True
+    assert _client_guards_step(z2, Wrapped()) is False
+    with pytest.raises(RuntimeError, match="wrapped the client optimizer at ZeRO stage 0"):
+        _client_guards_step(z0, Wrapped())
+    with pytest.raises(RuntimeError, match="did not wrap the client optimizer at ZeRO stage 2"):
+        _client_guards_step(z2, Bare())
+
+
 _CLIENT_STEP_SCRIPT = """
 import copy
 import math

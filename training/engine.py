@@ -199,10 +199,12 @@ class Engine:
         device = ds_engine.device
         self._one, self._zero = torch.ones((), device=device), torch.zeros((), device=device)
         # ZeRO's optimizers (and DeepSpeed's fp16/bf16 wrappers) drop a step whose gradients
-        # are not finite (their `overflow` path). Without one (ZeRO stage 0 in fp32) the client
-        # AdamW checks its gradients itself, on the device: see `_guard_client_optimizer`.
-        self._found_inf = None if hasattr(ds_engine.optimizer, "overflow") else \
-            _guard_client_optimizer(client_optimizer, device, cfg.optim.grad_clip)
+        # are not finite (their `overflow` path). Without one (ZeRO stage 0 in fp32:
+        # `client_steps_alone`, which also turned DeepSpeed's clipping off in `ds_config`) the
+        # client AdamW clips and checks its gradients itself, on the device: see
+        # `_guard_client_optimizer`. One rule decides both; DeepSpeed must agree with it.
+        self._found_inf = _guard_client_optimizer(client_optimizer, device, cfg.optim.grad_clip) \
+            if _client_guards_step(cfg, ds_engine.optimizer) else None
         self._ema_sources: dict[str, Any] | None = None
 
     @property
@@ -399,6 +401,23 @@ def place_optimizer_steps(optimizer: torch.optim.Optimizer) -> None:
                 step = state["step"]
                 step = step if torch.is_tensor(step) else torch.tensor(float(step))
                 state["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
+def _client_guards_step(cfg: Config, ds_optimizer: Any) -> bool:
+    """Whether the client AdamW must clip and check its own gradients: `client_steps_alone`,
+    the rule `ds_config` also turned DeepSpeed's clipping off by. DeepSpeed's optimizer must
+    agree: a ZeRO optimizer or fp16/bf16 wrapper has an `overflow` path (it clips and drops
+    non-finite steps), the bare client optimizer has none. A DeepSpeed version that decided
+    otherwise would leave the gradients unclipped and unchecked (or clipped twice), so it is
+    refused here, at start-up."""
+    alone = client_steps_alone(cfg)
+    if alone == hasattr(ds_optimizer, "overflow"):
+        raise RuntimeError(
+            f"DeepSpeed {'wrapped' if alone else 'did not wrap'} the client optimizer at ZeRO stage "
+            f"{cfg.train.zero_stage} in {precision(cfg)} (its optimizer: {type(ds_optimizer).__name__}), "
+            "against latentforge.training.engine.client_steps_alone: gradient clipping and the "
+            "non-finite check would run twice or not at all. Update client_steps_alone for this DeepSpeed version")
+    return alone
 
 
 def _guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device,
