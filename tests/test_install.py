@@ -149,3 +149,31 @@ def test_every_imported_package_is_declared() -> None:
                         undeclared.append(f"{f.relative_to(REPO)}:{node.lineno}: {top}")
     assert not undeclared, "imports of undeclared packages:\n" + "\n".join(undeclared)
     assert "tomli" in runtime  # Python 3.10's TOML parser (marker python_version < '3.11')
+
+
+@pytest.mark.slow
+def test_the_install_caches_the_bytecode_of_what_latentforge_imports_late(tmp_path: Path) -> None:
+    """scripts/warm_bytecode.py (run by the bootstrap) writes the bytecode even where
+    PYTHONDONTWRITEBYTECODE is set, for the package's own modules and for the heavy ones it
+    imports only inside functions (open_clip, DeepSpeed's ZeRO runtime); without it every
+    rank compiles them again. PYTHONPYCACHEPREFIX sends the cache to an empty folder, so
+    what appears there is what this run wrote."""
+    import importlib.util
+
+    prefix = tmp_path / "pycache"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(prefix),
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    res = _run([sys.executable, str(REPO / "scripts" / "warm_bytecode.py")], env=env)
+    assert re.search(r"bytecode cached for the \d+ modules latentforge imports", res.stdout), res.stdout
+
+    def cached(module: str) -> bool:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin, module
+        # Under a prefix the cache mirrors the source's absolute path (PEP 3147 with PYTHONPYCACHEPREFIX).
+        tag = sys.implementation.cache_tag
+        src = Path(spec.origin)  # the path the import compiled from (a symlinked stage keeps its link path)
+        return (prefix / src.parent.relative_to(src.anchor) / f"{src.stem}.{tag}.pyc").exists()
+
+    for module in ("open_clip", "deepspeed.runtime.zero.stage_1_and_2", "diffusers.models.unets.unet_2d_condition",
+                   "latentforge.training.loop", "latentforge.eval.fid"):
+        assert cached(module), module
