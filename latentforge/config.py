@@ -121,6 +121,8 @@ class DiffusionConfig:
     cfg_dropout: float = 0.1  # probability of replacing the caption with the empty caption
     flow_logit_mean: float = 0.0  # flow: training tau = sigmoid(u), u ~ N(this, flow_logit_std^2); > 0 trains noisier timesteps more (SD3 3.1)
     flow_logit_std: float = 1.0  # flow: the spread of u; > 1 trains both ends (nearly clean, nearly pure noise) more
+    flow_tail_frac: float = 0.0  # flow: this fraction of training tau uniform on [flow_tail_from, 1) instead (high noise only)
+    flow_tail_from: float = 0.9  # flow: where that band starts
 
 
 @dataclass
@@ -638,6 +640,10 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.diffusion.flow_logit_std) and cfg.diffusion.flow_logit_std > 0) or (
             cfg.diffusion.flow_logit_std != 1.0 and cfg.diffusion.objective != "flow"):
         raise ConfigError("diffusion.flow_logit_std: a positive number, used by objective 'flow' only")
+    if not 0.0 <= d.flow_tail_frac < 1.0 or (d.flow_tail_frac and d.objective != "flow"):
+        raise ConfigError("diffusion.flow_tail_frac: a fraction in [0, 1), used by objective 'flow' only")
+    if not 0.0 <= d.flow_tail_from < 1.0:
+        raise ConfigError("diffusion.flow_tail_from: a noise level tau in [0, 1)")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
         raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
     if cfg.optim.decay not in ("constant", "cosine"):

@@ -22,7 +22,8 @@ Objectives:
     ddpm  discrete variance-preserving diffusion; the network predicts eps, v or x0
           ("sample"). v = alpha * eps - sigma * x0 (Salimans & Ho 2022, section 4).
     flow  rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1-tau) x0 + tau eps,
-          tau ~ logit-normal(diffusion.flow_logit_mean, diffusion.flow_logit_std), and the network predicts the velocity
+          tau ~ logit-normal(diffusion.flow_logit_mean, diffusion.flow_logit_std) (a fraction
+          diffusion.flow_tail_frac of it uniform on [flow_tail_from, 1)), and the network predicts the velocity
           dx_t/dtau = eps - x0. Config names that with `prediction = "v"`; eps/sample
           prediction, Min-SNR weighting and zero-terminal-SNR are ddpm-only and refused.
 """
@@ -117,6 +118,8 @@ class Schedule:
     zero_terminal_snr: bool = False  # betas were rescaled with rescale_zero_terminal_snr
     flow_logit_mean: float = 0.0  # flow: mean of the logit-normal training timesteps
     flow_logit_std: float = 1.0  # flow: their standard deviation (in logit space)
+    flow_tail_frac: float = 0.0  # flow: the fraction of training timesteps drawn uniform on [flow_tail_from, 1)
+    flow_tail_from: float = 0.9  # flow: where that high-noise band starts
 
     @property
     def num_train_timesteps(self) -> int:
@@ -150,6 +153,11 @@ class Schedule:
                 cfg.flow_logit_std != 1.0 and cfg.objective != "flow"):
             raise ConfigError(f"diffusion.flow_logit_std: a positive number, used by objective 'flow' only "
                               f"(got {cfg.flow_logit_std} with objective {cfg.objective!r})")
+        if not 0.0 <= cfg.flow_tail_frac < 1.0 or (cfg.flow_tail_frac and cfg.objective != "flow"):
+            raise ConfigError(f"diffusion.flow_tail_frac: a fraction in [0, 1), used by objective 'flow' only "
+                              f"(got {cfg.flow_tail_frac} with objective {cfg.objective!r})")
+        if not 0.0 <= cfg.flow_tail_from < 1.0:
+            raise ConfigError(f"diffusion.flow_tail_from: a noise level tau in [0, 1), got {cfg.flow_tail_from}")
         if cfg.objective == "ddpm" and cfg.zero_terminal_snr and cfg.prediction == "eps":
             # At SNR 0, x_t = eps: an eps prediction says nothing about x0 (Lin et al. 2023, 3.2).
             raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample "
@@ -159,7 +167,8 @@ class Schedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(objective=cfg.objective, prediction=cfg.prediction, betas=betas,
                    alphas_cumprod=alphas_cumprod(betas), zero_terminal_snr=cfg.zero_terminal_snr,
-                   flow_logit_mean=cfg.flow_logit_mean, flow_logit_std=cfg.flow_logit_std)
+                   flow_logit_mean=cfg.flow_logit_mean, flow_logit_std=cfg.flow_logit_std,
+                   flow_tail_frac=cfg.flow_tail_frac, flow_tail_from=cfg.flow_tail_from)
 
     # The model's timestep input -> schedule quantities. All (N,) float64 on the CPU.
 
@@ -313,13 +322,21 @@ def offset_noise(shape: tuple[int, ...] | torch.Size, strength: float, generator
 def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator) -> torch.Tensor:
     """Training timesteps, (n,) on the CPU: ddpm uniform long in [0, T); flow
     tau = sigmoid(u), u ~ N(flow_logit_mean, flow_logit_std^2) (logit-normal, SD3 section 3.1), returned as
-    tau * 1000 float32."""
+    tau * 1000 float32. With flow_tail_frac > 0, that fraction of the draws (each draw
+    independently) is instead uniform on [flow_tail_from, 1): the high-noise band the
+    logit-normal leaves almost untrained (N(0, 1): 1.4% of draws above 0.9), where the
+    sampler's first steps settle what the whole image shares, such as its background."""
     _check_generator(generator)
     if schedule.objective == "flow":
         u = torch.randn(n, generator=generator)
         if schedule.flow_logit_std != 1.0:  # (the default keeps the stream of u exactly)
             u = u * schedule.flow_logit_std
-        return torch.sigmoid(u + schedule.flow_logit_mean) * FLOW_TIME_SCALE
+        tau = torch.sigmoid(u + schedule.flow_logit_mean)
+        if schedule.flow_tail_frac > 0:  # (so does a zero tail fraction)
+            pick, r = torch.rand(2, n, generator=generator)
+            tail = schedule.flow_tail_from + (1.0 - schedule.flow_tail_from) * r
+            tau = torch.where(pick < schedule.flow_tail_frac, tail, tau)
+        return tau * FLOW_TIME_SCALE
     return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
 
 
