@@ -312,7 +312,7 @@ def demo() -> Config:
     cfg.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
     cfg.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     cfg.diffusion = DiffusionConfig(objective="flow", prediction="v", cfg_dropout=0.1)
-    # 1,500 x 64 samples: make demo in 6.3 minutes on 2 AVX-512 cores, about 9 with AVX2
+    # 1,500 x 64 samples: make demo in 6.0-6.4 minutes on 2 AVX-512 cores, 8.4 with AVX2
     # kernels only (docs/demo.md); 2,000 steps scored a little better but took 11.7 there.
     cfg.train.max_steps = 1500
     # Speed on CPU ranks (benchmarks/bench_peer.py, bench_vs_diffusers.py; README): ZeRO
