@@ -10,6 +10,9 @@ Measured in this one run, in turns (each figure the median of --repeats runs):
   bare 1 thread    a bare loop in one process: forward, the diffusion loss, backward,
                    torch's fused AdamW. No DeepSpeed, no data, no EMA: the bound.
   bare 2 threads   the same with 2 torch threads.
+  bare pair        two bare 1-thread loops in two processes at once, not communicating:
+                   the ceiling the machine itself sets for 2 ranks (shared caches and
+                   memory bandwidth), which a lone loop does not meet.
   ours 1 rank      the trainer's optimizer step (bench_train.Stepper: DeepSpeed ZeRO-2
                    engine, the loss, backward, clipping, AdamW, the fused EMA) on one rank
                    with the same thread count as "bare 1 thread".
@@ -80,6 +83,28 @@ def bare_rate(steps: int, threads: int) -> float:
     return BATCH * steps / (time.perf_counter() - t0)
 
 
+def _bare_in_pair(steps: int, start: object, out: object) -> None:
+    start.wait()  # both processes begin their loops together
+    out.put(bare_rate(steps, 1))
+
+
+def bare_pair_rate(steps: int) -> float:
+    """Two bare 1-thread loops in two processes at once, no communication: what two ranks on
+    this machine's 2 cores could reach if their collectives cost nothing (the cores share
+    caches and memory bandwidth, which a lone loop has to itself). Their summed rate."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_bare_in_pair, args=(steps, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    rates = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return sum(rates)
+
+
 def worker(args: argparse.Namespace) -> int:
     """One rank of "ours": the trainer's step, timed after 3 warm-up steps."""
     torch.set_num_threads(1)
@@ -116,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     load0 = os.getloadavg()[0]
-    runs: dict[str, list[float]] = {"bare1": [], "bare2": [], "ours1": [], "ours2": []}
+    runs: dict[str, list[float]] = {"bare1": [], "bare2": [], "pair": [], "ours1": [], "ours2": []}
     for r in range(args.repeats):  # in turns, so drift in the machine's load hits every figure alike
         print(f"[bench] round {r + 1}/{args.repeats}", flush=True)
         runs["bare1"].append(bare_rate(args.steps, 1))
         runs["bare2"].append(bare_rate(args.steps, 2))
+        runs["pair"].append(bare_pair_rate(args.steps))
         runs["ours1"].append(ours_rate(args.steps, 1, args.zero_stage))
         runs["ours2"].append(ours_rate(args.steps, 2, args.zero_stage))
         print("[bench]   " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " samples/s", flush=True)
@@ -131,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"the bare loop, ZeRO stage {args.zero_stage}, medians of {args.repeats}")
     rep.add("bare loop, 1 thread", med["bare1"], "samples/s")
     rep.add("bare loop, 2 threads", med["bare2"], "samples/s")
+    rep.add("bare loop, 2 processes x 1 thread at once", med["pair"], "samples/s")
     rep.add("ours, 1 rank x 1 thread", med["ours1"], "samples/s")
     rep.add("ours, 2 ranks x 1 thread", med["ours2"], "samples/s")
     rep.add("ours 1 rank / bare 1 thread", 100 * med["ours1"] / med["bare1"], "% (goal >= 90%)")
     rep.add("ours 2 ranks / (2 x bare 1 thread)", 100 * med["ours2"] / (2 * med["bare1"]), "% (goal >= 85%)")
+    rep.add("2 bare processes at once / (2 x bare 1 thread)", 100 * med["pair"] / (2 * med["bare1"]),
+            "% (the machine's own ceiling for 2 ranks)")
+    rep.add("ours 2 ranks / 2 bare processes at once", 100 * med["ours2"] / med["pair"], "% (what communication costs)")
     rep.add("fp32 matmul peak, 1 thread", peak.best / 1e9, "GFLOP/s")
     rep.add("load average (1 min) at the start", load0, "")
     rep.print(args.json)

@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> int:
     wall, cpu = [], []
     for i in range(1, args.steps + 1):
         w0, c0 = time.perf_counter(), time.process_time()
-        s.step(i)
+        float(s.step(i))  # per-step wall time: wait for the step (a GPU runs ahead otherwise)
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
         if rank == 0:

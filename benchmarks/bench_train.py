@@ -105,7 +105,9 @@ class Stepper:
 
         return unet_forward(self.engine, x, t, cond)
 
-    def step(self, i: int) -> float:
+    def step(self, i: int) -> torch.Tensor:
+        """One optimizer step; returns the last micro-batch's loss as a () device tensor, so a
+        loop of steps makes no host sync of its own (as the trainer's); `float()` it to read it."""
         from latentforge.training import engine as eng
         from latentforge.training.diffusion import loss_fn
         from latentforge.training.loop import step_generator
@@ -118,7 +120,7 @@ class Stepper:
             applied = self.engine.step()  # () device flag, as in the trainer: no host sync
         if self.ema is not None:
             self.ema.update(self.engine.ema_parameters(), i, applied=applied)
-        return float(loss.detach())
+        return loss.detach()
 
     def flops_per_step(self) -> int:
         """U-Net forward + backward FLOPs of one optimizer step (all micro-batches, this rank),
@@ -194,7 +196,7 @@ def bench_model(rep: Report, name: str, batch: int, steps: int, zero_stage: int)
     wall, cpu = [], []
     for i in range(1, steps + 1):
         w0, c0 = time.perf_counter(), time.process_time()
-        loss = s.step(i)
+        loss = float(s.step(i))  # per-step wall time: wait for the step (a GPU runs ahead otherwise)
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
         print(f"[bench] {name}: step {i}/{steps} {wall[-1]:.2f}s ({batch / wall[-1]:.2f} samples/s, "
