@@ -5,7 +5,7 @@ environment most are never imported, and compiling them all cost 40 s on 2 cores
 that are imported would compile on first use and be cached in __pycache__, except where the
 environment sets PYTHONDONTWRITEBYTECODE (some CI images and containers do): then every
 process compiles torch, DeepSpeed, diffusers and open_clip from source again. On a 2-core
-machine that made `import open_clip` 12 s instead of 5 s, in every rank and every eval.
+machine that made `import open_clip` take 8 s instead of 3 s, in every rank and every eval.
 
 So this script imports, with bytecode writing on whatever the environment says, every
 module that latentforge (and its tests and benchmarks) imports anywhere: the package's own

@@ -332,7 +332,7 @@ def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator) -> 
         if schedule.flow_logit_std != 1.0:  # (the default keeps the stream of u exactly)
             u = u * schedule.flow_logit_std
         tau = torch.sigmoid(u + schedule.flow_logit_mean)
-        if schedule.flow_tail_frac > 0:  # (so does a zero tail fraction)
+        if schedule.flow_tail_frac > 0:  # (off, nothing more is drawn: the stream stays the logit-normal's)
             pick, r = torch.rand(2, n, generator=generator)
             tail = schedule.flow_tail_from + (1.0 - schedule.flow_tail_from) * r
             tau = torch.where(pick < schedule.flow_tail_frac, tail, tau)
