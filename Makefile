@@ -29,9 +29,13 @@ fid-weights: venv
 demo: venv fid-weights
 	$(PY) -m latentforge.launch.cli demo $(DEMO_ARGS)
 
-# The cluster's stdout is its `export` lines (not needed here); its stderr, the reason it
-# did not start, is shown.
-SLURM_UP = @bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
+# As root, the Debian packages first (a no-op when present; the SLURM test fixtures do the
+# same, but a test that only needs `scontrol` is collected before any fixture runs). The
+# cluster's stdout is its `export` lines (not needed here); its stderr, the reason it did
+# not start, is shown.
+SLURM_UP = @if [ "$$(id -u)" = 0 ]; then bash slurm/local/cluster.sh install >/dev/null 2>&1 \
+	  || echo "[make test] slurm/local/cluster.sh install failed (run it to see why)"; fi; \
+	bash slurm/local/cluster.sh up >/dev/null || echo "[make test] the local SLURM cluster did not start (why: above); SLURM tests will say why they skip"
 
 test: venv lint fid-weights
 	$(SLURM_UP)
