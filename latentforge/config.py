@@ -602,6 +602,46 @@ def batch_split(cfg: Config, world_size: int, where: str = "") -> tuple[int, int
     return micro, per_rank // micro
 
 
+def validate_diffusion(d: DiffusionConfig) -> None:
+    """The diffusion settings that cannot work, each refused with a ConfigError naming the
+    field. One place for both callers: `validate` (at start-up, before any rank) and
+    training.diffusion.Schedule.from_config (wherever a schedule is built)."""
+    if d.objective not in ("ddpm", "flow"):
+        raise ConfigError(f"diffusion.objective: expected 'ddpm' or 'flow', got {d.objective!r}")
+    if d.prediction not in ("eps", "v", "sample"):
+        raise ConfigError(f"diffusion.prediction: expected eps, v or sample, got {d.prediction!r}")
+    if d.min_snr_gamma < 0:
+        raise ConfigError(f"diffusion.min_snr_gamma: must be >= 0 (0 = off), got {d.min_snr_gamma}")
+    if d.offset_noise < 0:
+        raise ConfigError(f"diffusion.offset_noise: must be >= 0 (0 = off), got {d.offset_noise}")
+    if d.objective == "flow":
+        if d.prediction != "v":
+            raise ConfigError(f"diffusion.prediction: objective 'flow' trains the velocity eps - x0; "
+                              f"set diffusion.prediction=v (got {d.prediction!r})")
+        if d.min_snr_gamma > 0:
+            raise ConfigError("diffusion.min_snr_gamma: Min-SNR weighting is defined for objective 'ddpm'; "
+                              "flow weights timesteps by logit-normal sampling instead (set it to 0)")
+        if d.zero_terminal_snr:
+            raise ConfigError("diffusion.zero_terminal_snr: only applies to objective 'ddpm' "
+                              "(rectified flow reaches pure noise at tau = 1 already)")
+    if not math.isfinite(d.flow_logit_mean) or (d.flow_logit_mean and d.objective != "flow"):
+        raise ConfigError(f"diffusion.flow_logit_mean: a finite number, used by objective 'flow' only "
+                          f"(got {d.flow_logit_mean} with objective {d.objective!r})")
+    if not (math.isfinite(d.flow_logit_std) and d.flow_logit_std > 0) or (
+            d.flow_logit_std != 1.0 and d.objective != "flow"):
+        raise ConfigError(f"diffusion.flow_logit_std: a positive number, used by objective 'flow' only "
+                          f"(got {d.flow_logit_std} with objective {d.objective!r})")
+    if not 0.0 <= d.flow_tail_frac < 1.0 or (d.flow_tail_frac and d.objective != "flow"):
+        raise ConfigError(f"diffusion.flow_tail_frac: a fraction in [0, 1), used by objective 'flow' only "
+                          f"(got {d.flow_tail_frac} with objective {d.objective!r})")
+    if not 0.0 <= d.flow_tail_from < 1.0:
+        raise ConfigError(f"diffusion.flow_tail_from: a noise level tau in [0, 1), got {d.flow_tail_from}")
+    if d.objective == "ddpm" and d.zero_terminal_snr and d.prediction == "eps":
+        # At SNR 0, x_t = eps: an eps prediction says nothing about x0 (Lin et al. 2023, 3.2).
+        raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample "
+                          "(x0 cannot be recovered from an eps prediction at SNR 0)")
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields. One line per failure, naming the key."""
     if cfg.codec.kind not in ("pixel", "vae"):
@@ -617,33 +657,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.zero_stage: expected 0-3, got {cfg.train.zero_stage}")
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision: expected auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
-    if cfg.diffusion.objective not in ("ddpm", "flow"):
-        raise ConfigError(f"diffusion.objective: expected 'ddpm' or 'flow', got {cfg.diffusion.objective!r}")
+    validate_diffusion(cfg.diffusion)
     if cfg.diffusion.schedule not in ("linear", "scaled_linear", "cosine"):
         raise ConfigError(f"diffusion.schedule: expected linear, scaled_linear or cosine, got {cfg.diffusion.schedule!r}")
-    if cfg.diffusion.prediction not in ("eps", "v", "sample"):
-        raise ConfigError(f"diffusion.prediction: expected eps, v or sample, got {cfg.diffusion.prediction!r}")
-    d = cfg.diffusion
-    if d.objective == "flow" and d.prediction != "v":
-        raise ConfigError("diffusion.prediction: objective 'flow' trains the velocity eps - x0; set diffusion.prediction=v")
-    if d.objective == "flow" and d.min_snr_gamma > 0:
-        raise ConfigError("diffusion.min_snr_gamma: Min-SNR weighting is defined for objective 'ddpm' (set it to 0)")
-    if d.objective == "flow" and d.zero_terminal_snr:
-        raise ConfigError("diffusion.zero_terminal_snr: only applies to objective 'ddpm'")
-    if d.objective == "ddpm" and d.zero_terminal_snr and d.prediction == "eps":
-        raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample (eps cannot recover x0 at SNR 0)")
-    if d.min_snr_gamma < 0 or d.offset_noise < 0:
-        raise ConfigError("diffusion.min_snr_gamma/offset_noise: must be >= 0")
-    if not math.isfinite(cfg.diffusion.flow_logit_mean) or (cfg.diffusion.flow_logit_mean
-                                                            and cfg.diffusion.objective != "flow"):
-        raise ConfigError("diffusion.flow_logit_mean: a finite number, used by objective 'flow' only")
-    if not (math.isfinite(cfg.diffusion.flow_logit_std) and cfg.diffusion.flow_logit_std > 0) or (
-            cfg.diffusion.flow_logit_std != 1.0 and cfg.diffusion.objective != "flow"):
-        raise ConfigError("diffusion.flow_logit_std: a positive number, used by objective 'flow' only")
-    if not 0.0 <= d.flow_tail_frac < 1.0 or (d.flow_tail_frac and d.objective != "flow"):
-        raise ConfigError("diffusion.flow_tail_frac: a fraction in [0, 1), used by objective 'flow' only")
-    if not 0.0 <= d.flow_tail_from < 1.0:
-        raise ConfigError("diffusion.flow_tail_from: a noise level tau in [0, 1)")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
         raise ConfigError(f"diffusion.cfg_dropout: expected a probability in [0, 1), got {cfg.diffusion.cfg_dropout}")
     if cfg.optim.decay not in ("constant", "cosine"):

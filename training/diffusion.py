@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentforge.config import ConfigError, DiffusionConfig
+from latentforge.config import ConfigError, DiffusionConfig, validate_diffusion
 
 # Rectified-flow time tau in [0, 1] enters the network as tau * FLOW_TIME_SCALE, the
 # range of the discrete timesteps the U-Net time embedding was designed for.
@@ -128,40 +128,7 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
         """Build and validate. Combinations that cannot work raise ConfigError naming the field."""
-        if cfg.objective not in ("ddpm", "flow"):
-            raise ConfigError(f"diffusion.objective: expected 'ddpm' or 'flow', got {cfg.objective!r}")
-        if cfg.prediction not in ("eps", "v", "sample"):
-            raise ConfigError(f"diffusion.prediction: expected eps, v or sample, got {cfg.prediction!r}")
-        if cfg.min_snr_gamma < 0:
-            raise ConfigError(f"diffusion.min_snr_gamma: must be >= 0 (0 = off), got {cfg.min_snr_gamma}")
-        if cfg.offset_noise < 0:
-            raise ConfigError(f"diffusion.offset_noise: must be >= 0 (0 = off), got {cfg.offset_noise}")
-        if cfg.objective == "flow":
-            if cfg.prediction != "v":
-                raise ConfigError(f"diffusion.prediction: objective 'flow' trains the velocity eps - x0; "
-                                  f"set diffusion.prediction=v (got {cfg.prediction!r})")
-            if cfg.min_snr_gamma > 0:
-                raise ConfigError("diffusion.min_snr_gamma: Min-SNR weighting is defined for objective 'ddpm'; "
-                                  "flow weights timesteps by logit-normal sampling instead (set it to 0)")
-            if cfg.zero_terminal_snr:
-                raise ConfigError("diffusion.zero_terminal_snr: only applies to objective 'ddpm' "
-                                  "(rectified flow reaches pure noise at tau = 1 already)")
-        if not math.isfinite(cfg.flow_logit_mean) or (cfg.flow_logit_mean and cfg.objective != "flow"):
-            raise ConfigError(f"diffusion.flow_logit_mean: a finite number, used by objective 'flow' only "
-                              f"(got {cfg.flow_logit_mean} with objective {cfg.objective!r})")
-        if not (math.isfinite(cfg.flow_logit_std) and cfg.flow_logit_std > 0) or (
-                cfg.flow_logit_std != 1.0 and cfg.objective != "flow"):
-            raise ConfigError(f"diffusion.flow_logit_std: a positive number, used by objective 'flow' only "
-                              f"(got {cfg.flow_logit_std} with objective {cfg.objective!r})")
-        if not 0.0 <= cfg.flow_tail_frac < 1.0 or (cfg.flow_tail_frac and cfg.objective != "flow"):
-            raise ConfigError(f"diffusion.flow_tail_frac: a fraction in [0, 1), used by objective 'flow' only "
-                              f"(got {cfg.flow_tail_frac} with objective {cfg.objective!r})")
-        if not 0.0 <= cfg.flow_tail_from < 1.0:
-            raise ConfigError(f"diffusion.flow_tail_from: a noise level tau in [0, 1), got {cfg.flow_tail_from}")
-        if cfg.objective == "ddpm" and cfg.zero_terminal_snr and cfg.prediction == "eps":
-            # At SNR 0, x_t = eps: an eps prediction says nothing about x0 (Lin et al. 2023, 3.2).
-            raise ConfigError("diffusion.zero_terminal_snr: needs diffusion.prediction v or sample "
-                              "(x0 cannot be recovered from an eps prediction at SNR 0)")
+        validate_diffusion(cfg)
         betas = make_betas(cfg.schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         if cfg.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
